@@ -1,0 +1,160 @@
+"""The model against the official implementation's own numbers (tests/data/official_small)
+and against hand-derived expectations for its building blocks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from enformer_vep.model import (Enformer, EnformerConfig, SoftmaxPool, gelu, relative_position_features,
+                                relative_shift)
+from enformer_vep.weights import build_model, convert_official
+
+from helpers import DATA, relative_error
+
+
+def load_fixture_weights():
+    """The fixture's weights by official object path; stored bf16-packed, which is lossless
+    because every fixture value is bf16-representable (see tests/data/README.md)."""
+    packed = np.load(DATA / "official_small" / "weights_bf16.npz")
+    return {key.replace(".", "/"): (packed[key].astype(np.uint32) << 16).view(np.float32) for key in packed}
+
+
+@pytest.fixture(scope="module")
+def npz_model():
+    weights = load_fixture_weights()
+    return build_model(convert_official({path: (lambda v=v: v) for path, v in weights.items()}))
+
+
+def test_parity_with_official_outputs_from_npz_weights(npz_model, official_inputs, official_outputs):
+    with torch.inference_mode():
+        trunk = npz_model.trunk(torch.from_numpy(official_inputs))
+        heads = {name: torch.nn.functional.softplus(head(trunk)) for name, head in npz_model.heads.items()}
+    assert relative_error(trunk.numpy(), official_outputs["trunk"]) <= 1e-5
+    for head in ("human", "mouse"):
+        got = heads[head].numpy()[:, :, official_outputs[f"{head}_tracks"]]
+        assert relative_error(got, official_outputs[head]) <= 1e-5, head
+
+
+def test_hub_length_input_is_cropped_to_its_centre(npz_model, official_inputs):
+    x = torch.from_numpy(official_inputs[:1])
+    pad = torch.ones(1, 98_304, 4)  # anything outside the centre must have no effect
+    long = torch.cat([pad, x, pad], dim=1)
+    out, out_long = npz_model.predict(x), npz_model.predict(long)
+    assert long.shape[1] == 393_216
+    assert torch.equal(out["human"], out_long["human"])
+
+
+def test_input_gradient_matches_official(npz_model, official_inputs, official_outputs):
+    x = torch.from_numpy(official_inputs[:1]).clone().requires_grad_(True)
+    objective = npz_model(x)["human"][0, 443:453, 0].sum()
+    objective.backward()
+    assert math.isclose(objective.item(), float(official_outputs["grad_target"]), rel_tol=1e-5)
+    assert relative_error(x.grad[0].numpy(), official_outputs["grad"]) <= 1e-4
+
+
+@pytest.mark.parametrize("key,seq_len", [("F192_T1536", 1536), ("F192_T1024", 1024), ("F48_T1536", 1536)])
+def test_positional_features_equal_official_float32_tables(key, seq_len):
+    official = np.load(DATA / "positional_features.npz")[key]
+    ours = relative_position_features(seq_len, official.shape[1]).numpy()
+    n = official.shape[1] // 6
+    assert ours.shape == official.shape
+    gamma = np.r_[2 * n:3 * n, 5 * n:6 * n]
+    central = np.r_[n:2 * n, 4 * n:5 * n]
+    np.testing.assert_array_equal(ours[:, gamma], official[:, gamma])
+    np.testing.assert_array_equal(ours[:, central], official[:, central])
+    np.testing.assert_allclose(ours, official, rtol=0, atol=1e-6)
+
+
+def test_gamma_features_are_normalised_per_basis_over_positions():
+    """Off the shipped tables the float32 formula is used: each basis peaks at exactly 1."""
+    feats = relative_position_features(300, 12).numpy()  # 2 basis functions per class
+    gamma = feats[:, 4:6]
+    np.testing.assert_array_equal(gamma.max(axis=0), [1.0, 1.0])
+
+
+def test_default_configuration_has_the_published_parameter_count():
+    with torch.device("meta"):
+        model = Enformer()
+    heads = {name: sum(p.numel() for p in head.parameters()) for name, head in model.heads.items()}
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.config.conv_filters == [768, 896, 1024, 1152, 1280, 1536]
+    assert total == 251_221_292
+    assert heads == {"human": 16_326_849, "mouse": 5_048_939}
+
+
+def test_relative_shift_puts_distance_key_minus_query_at_each_entry():
+    t = 5
+    distances = torch.arange(-(t - 1), t, dtype=torch.float32)  # column c holds distance c - (t-1)
+    logits = distances.expand(1, 1, t, 2 * t - 1)
+    shifted = relative_shift(logits)[0, 0]
+    expected = torch.tensor([[j - i for j in range(t)] for i in range(t)], dtype=torch.float32)
+    assert torch.equal(shifted, expected)
+
+
+def test_gelu_is_the_sigmoid_approximation():
+    x = torch.tensor([-2.0, 0.0, 0.5, 3.0])
+    expected = torch.tensor([v * (1 / (1 + math.exp(-1.702 * v))) for v in x.tolist()])
+    torch.testing.assert_close(gelu(x), expected)
+    assert not torch.allclose(gelu(x), torch.nn.functional.gelu(x), atol=1e-3)
+
+
+def test_softmax_pool_weights_each_pair_by_its_softmax():
+    pool = SoftmaxPool(2)
+    x = torch.tensor([[[1.0, 3.0, -1.0, 0.0], [2.0, 2.0, 5.0, 1.0]]])  # [1, 2 channels, 4]
+    # default logits are 2 x identity: weight of a = e^(2a) / (e^(2a) + e^(2b))
+    def pooled(a, b):
+        wa = math.exp(2 * a) / (math.exp(2 * a) + math.exp(2 * b))
+        return wa * a + (1 - wa) * b
+    expected = torch.tensor([[[pooled(1, 3), pooled(-1, 0)], [pooled(2, 2), pooled(5, 1)]]])
+    torch.testing.assert_close(pool(x), expected)
+
+
+def tiny_config(**overrides):
+    config = dict(channels=48, num_heads=2, num_transformer_layers=1, heads={"human": 3},
+                  conv_filters=[32, 32, 32, 32, 48, 48], target_length=8)
+    config.update(overrides)
+    return EnformerConfig(**config)
+
+
+def test_max_pooling_and_other_lengths():
+    torch.manual_seed(0)
+    model = Enformer(tiny_config(pooling_type="max")).eval()
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 128 * 16)), 4).float()
+    assert model.predict(x)["human"].shape == (2, 8, 3)
+    assert isinstance(model.stem.pool, torch.nn.MaxPool1d)
+    assert model.predict(x[:, : 128 * 12])["human"].shape == (2, 8, 3)
+
+
+def test_bad_input_shapes_are_refused_clearly():
+    model = Enformer(tiny_config()).eval()
+    with pytest.raises(ValueError, match="multiple of 128"):
+        model.predict(torch.zeros(1, 128 * 16 + 1, 4))
+    with pytest.raises(ValueError, match="at least 8 bins"):
+        model.predict(torch.zeros(1, 128 * 4, 4))
+    with pytest.raises(ValueError, match=r"\[batch, length, 4\]"):
+        model.predict(torch.zeros(128 * 16, 4))
+
+
+def test_train_mode_uses_batch_statistics_and_dropout():
+    torch.manual_seed(0)
+    model = Enformer(tiny_config())
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 128 * 16)), 4).float()
+    captured = {}
+    model.conv_tower[0].conv.norm.register_forward_hook(lambda m, i, o: captured.update(out=o, inp=i[0]))
+    first = model(x)["human"]
+    inp = captured["inp"]
+    batch_normalised = (inp - inp.mean(dim=(0, 2), keepdim=True)) / torch.sqrt(
+        inp.var(dim=(0, 2), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(captured["out"], batch_normalised, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(first, model(x)["human"])  # dropout draws differ between calls
+    model.eval()
+    assert torch.equal(model.predict(x)["human"], model.predict(x)["human"])
+
+
+def test_predict_refuses_train_mode_and_keeps_no_graph():
+    model = Enformer(tiny_config())
+    with pytest.raises(RuntimeError, match="eval"):
+        model.predict(torch.zeros(1, 128 * 16, 4))
+    out = model.eval().predict(torch.zeros(1, 128 * 16, 4))["human"]
+    assert not out.requires_grad and out.is_inference()
