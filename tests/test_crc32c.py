@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from bundle_writer import crc32c as table_crc32c  # the test writer's bytewise table CRC
+
 from enformer_vep import crc32c as crc_module
 from enformer_vep.crc32c import crc32c, mask, unmask
 
@@ -12,24 +14,6 @@ def bitwise_crc32c(data: bytes, crc: int = 0) -> int:
         crc ^= byte
         for _ in range(8):
             crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _table():
-    table = []
-    for byte in range(256):
-        table.append(bitwise_crc32c(bytes([byte]), 0xFFFFFFFF) ^ 0xFFFFFFFF)
-    return table
-
-
-TABLE = _table()
-
-
-def table_crc32c(data: bytes, crc: int = 0) -> int:
-    """Bytewise table CRC-32C: fast enough for a few MB as a reference."""
-    crc ^= 0xFFFFFFFF
-    for byte in data:
-        crc = TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 
