@@ -11,3 +11,7 @@ class WeightsError(EnformerVepError):
 
 class DownloadError(EnformerVepError):
     """A model file could not be downloaded or failed verification."""
+
+
+class InputError(EnformerVepError):
+    """A VCF, FASTA, region or option the run cannot use as given."""
