@@ -1,13 +1,22 @@
 """The ``enformer-score`` command line: parses options and calls the library."""
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from .errors import EnformerVepError
 
 
 class _Commands(click.Group):
-    """Turns the library's :class:`EnformerVepError` into a one-line ``Error: ...`` and exit 1."""
+    """``enformer-score VCF ...`` runs ``score``; a library :class:`EnformerVepError` becomes a
+    one-line ``Error: ...`` and exit status 1."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["score", *args]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -19,7 +28,88 @@ class _Commands(click.Group):
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="enformer-vep")
 def cli():
-    """Score genetic variants with DeepMind's Enformer (a faithful PyTorch port)."""
+    """Score genetic variants with DeepMind's Enformer (a faithful PyTorch port).
+
+    \b
+    enformer-score in.vcf.gz --fasta hg38.fa -o scores/     (same as: enformer-score score ...)
+    enformer-score convert SOURCE model.safetensors
+    """
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _stats(text: str) -> tuple[str, ...]:
+    from .scoring import parse_statistics
+    try:
+        return tuple(parse_statistics(text))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("vcf", type=click.Path(dir_okay=False))
+@click.option("--fasta", required=True, type=click.Path(dir_okay=False),
+              help="Reference FASTA, plain or bgzip-compressed (with .fai, and .gzi when compressed). "
+                   "A missing .fai of a plain FASTA is built. Soft-masked bases are upper-cased.")
+@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: one PREFIX.CHROM.h5 per chromosome, skipped.tsv and run.json.")
+@click.option("--model", metavar="SOURCE",
+              help="Weights: our .safetensors, a TF-Hub SavedModel directory or .tar.gz, a Sonnet checkpoint "
+                   "prefix, an enformer-pytorch directory, or a URL. Default: $ENFORMER_VEP_MODEL, else the "
+                   "official TF-Hub Enformer (downloaded once into the cache).")
+@click.option("--prefix", help="Output file prefix. Default: the VCF's name without .vcf/.bcf/.gz.")
+@click.option("--region", "regions", multiple=True, metavar="CHR:START-END",
+              help="Score only records whose POS lies in this 1-based inclusive region (repeatable; "
+                   "needs a .tbi/.csi index). VCF or FASTA contig naming both work.")
+@click.option("--chrom", "chroms", multiple=True, metavar="NAME",
+              help="Score only this contig (repeatable; needs an index).")
+@click.option("--pass-only", is_flag=True, help="Skip records whose FILTER is not PASS (counted in skipped.tsv).")
+@click.option("--ref-mismatch", type=click.Choice(["skip", "error", "score"]), default="skip", show_default=True,
+              help="When REF differs from the FASTA: skip the allele (listed in skipped.tsv), stop with an "
+                   "error, or score it anyway (the windows use the FASTA's bases).")
+@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Sequences per forward pass (each variant needs 2 x shifts x (2 with --rc) sequences).")
+@click.option("--stats", default="SAD,SAR", show_default=True, callback=lambda c, p, v: _stats(v),
+              help="Comma-separated statistics: SAD, SAR, SADR, SAX, D1, D2 (formulas in README).")
+@click.option("--rc", is_flag=True, help="Average forward and reverse-complement predictions (bins flipped back).")
+@click.option("--shifts", default="0", show_default=True, callback=lambda c, p, v: _ints(v),
+              help="Comma-separated shifts in bp (e.g. -1,0,1); predictions are averaged over them.")
+@click.option("--tracks", metavar="SPEC",
+              help="Tracks to score: indices and inclusive ranges (0-9,15) or a regular expression "
+                   "searched in the track descriptions (e.g. '^CAGE:'). Default: all. The head computes "
+                   "only these tracks.")
+@click.option("--organism", type=click.Choice(["human", "mouse"]), default="human", show_default=True,
+              help="Output head to score.")
+@click.option("--targets", type=click.Path(dir_okay=False, exists=True),
+              help="Track table (Basenji targets format) for a model with other heads. Default: the "
+                   "released model's targets_human.txt / targets_mouse.txt.")
+@click.option("--percentiles", is_flag=True,
+              help="Also write basenji's 'percentiles' and '<STAT>_pct' (per-track quantiles over all rows).")
+@click.option("--overwrite", is_flag=True,
+              help="Delete this output directory's previous results and start afresh. Without it, rerunning "
+                   "the same command resumes an interrupted run, and different settings are refused.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Rows staged per checkpoint: an interrupted run redoes at most this many per chromosome.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar. Default: a bar on a terminal, a log line every 30 s otherwise.")
+def score(**kwargs):
+    """Score every ALT allele of VCF (VCF, VCF.gz or BCF) with Enformer: SAD/SAR per track.
+
+    Windows of 393,216 bp are centred on each variant (SPEC section 4); skipped records
+    (symbolic or invalid alleles, REF mismatches, unknown contigs...) are counted and listed
+    in OUT/skipped.tsv, never dropped silently.
+    """
+    from .pipeline import ScoreOptions, score_vcf
+
+    summary = score_vcf(ScoreOptions(**kwargs))
+    for line in summary.lines():
+        click.echo(line, err=True)
 
 
 @cli.command()
@@ -44,4 +134,5 @@ def convert(source, dest):
 
 
 def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cli.main(args=argv, prog_name="enformer-score")

@@ -302,6 +302,17 @@ class Enformer(nn.Module):
         return {name: F.softplus(head(embedding)) for name, head in self.heads.items()}
 
     @torch.inference_mode()
+    def predict_tracks(self, x: torch.Tensor, head: str, tracks: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``head`` for the columns ``tracks`` only (all when None): ``[B, L, 4] -> [B, 896, T]``."""
+        if self.training:
+            raise RuntimeError("predict_tracks() needs eval mode: call model.eval() first")
+        linear = self.heads[head]
+        weight, bias = linear.weight, linear.bias
+        if tracks is not None:
+            weight, bias = weight[tracks], bias[tracks]
+        return F.softplus(F.linear(self.trunk(x), weight, bias))
+
+    @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``forward`` in eval mode without autograd (13.7 GB otherwise for one full pass)."""
         if self.training:

@@ -13,6 +13,7 @@ The configuration is always inferred from the tensors.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -337,6 +338,22 @@ def _cached_conversion(url: str) -> Path:
     if not converted.is_file():
         convert(url, converted)
     return converted
+
+
+def source_digest(source: str | Path) -> str:
+    """SHA-256 identifying the weights of ``source``: of the file, of every file of a directory
+    or checkpoint prefix (names included), or of the converted file a URL was cached as."""
+    source = str(source)
+    path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
+    if path.is_file():
+        return _file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else \
+        sorted(path.parent.glob(glob.escape(path.name) + ".*"))
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(path) if path.is_dir() else file.name
+        digest.update(str(name).encode() + bytes.fromhex(_file_digest(file)))
+    return digest.hexdigest()
 
 
 def default_model_source() -> str:

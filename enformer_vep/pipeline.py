@@ -1,0 +1,233 @@
+"""One scoring run: stream variants, build windows, score in batches, stage and publish the files."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .errors import InputError
+from .genome import Genome
+from .output import RunDirectory, write_skip
+from .scoring import STATISTICS, VariantScorer, to_float16
+from .targets import packaged_targets, read_targets, select_tracks
+from .variants import Allele, Skip, read_variants
+from .weights import default_model_source, load_model, source_digest
+from .windows import allele_windows, ref_matches
+
+log = logging.getLogger("enformer_vep")
+
+
+@dataclasses.dataclass
+class ScoreOptions:
+    """Everything ``enformer-score VCF`` takes (see the CLI's --help for each option)."""
+
+    vcf: str
+    fasta: str
+    out_dir: str
+    model: str | None = None
+    prefix: str | None = None
+    regions: tuple[str, ...] = ()
+    chroms: tuple[str, ...] = ()
+    pass_only: bool = False
+    ref_mismatch: str = "skip"
+    device: str | None = None
+    batch_size: int = 4
+    stats: tuple[str, ...] = ("SAD", "SAR")
+    rc: bool = False
+    shifts: tuple[int, ...] = (0,)
+    tracks: str | None = None
+    organism: str = "human"
+    targets: str | None = None
+    percentiles: bool = False
+    overwrite: bool = False
+    checkpoint_every: int = 1024
+    progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
+
+    def output_settings(self) -> dict:
+        """The options that shape the output (a rerun must repeat them to resume)."""
+        keep = ("regions", "chroms", "pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks",
+                "organism", "targets", "percentiles", "checkpoint_every", "prefix")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+
+@dataclasses.dataclass
+class Summary:
+    scored: int
+    skipped: collections.Counter
+    ref_mismatch_scored: int
+    clipped: dict
+    seconds: float
+    files: dict
+
+    def lines(self) -> list[str]:
+        rate = self.scored / self.seconds if self.seconds > 0 else float("nan")
+        out = [f"scored {self.scored} variant alleles in {self.seconds:.1f} s ({rate:.2f} variants/s)"]
+        out += [f"skipped {n}: {reason}" for reason, n in sorted(self.skipped.items())]
+        if self.ref_mismatch_scored:
+            out.append(f"scored despite a REF mismatch: {self.ref_mismatch_scored}")
+        out += [f"{name}: {n} values clipped to the float16 range" for name, n in self.clipped.items() if n]
+        out += [f"wrote {path}" for path in self.files.values()]
+        return out
+
+
+def _default_prefix(vcf: str) -> str:
+    name = Path(vcf).name
+    for suffix in (".gz", ".bgz", ".vcf", ".bcf"):
+        name = name.removesuffix(suffix)
+    return name or "scores"
+
+
+def _model_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
+
+    def __init__(self, enabled: bool | None, total: int | None, every: float = 30.0):
+        self.bar = tqdm(total=total, unit="variant", desc="scoring",
+                        disable=not (sys.stderr.isatty() if enabled is None else enabled))
+        self.every, self.count, self.start, self.last = every, 0, time.monotonic(), time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if self.bar.disable and now - self.last >= self.every:
+            self.last = now
+            log.info("processed %d records (%.1f/s)", self.count, self.count / (now - self.start))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def score_vcf(options: ScoreOptions, model=None) -> Summary:
+    """Score every ALT allele of ``options.vcf``; ``model`` overrides ``options.model`` (tests)."""
+    started = time.monotonic()
+    genome = Genome(options.fasta)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        source = options.model or default_model_source()
+        model, model_sha256 = load_model(source, device=device), source_digest(source)
+    else:
+        source, model_sha256 = "<in-memory model>", _model_digest(model)
+        model = model.to(device)
+    heads = model.config.heads
+    if options.organism not in heads:
+        raise InputError(f"the model has no {options.organism!r} head (it has {', '.join(heads)})")
+    targets = read_targets(options.targets) if options.targets else packaged_targets(options.organism)
+    if len(targets) != heads[options.organism]:
+        raise InputError(f"the model's {options.organism} head has {heads[options.organism]} tracks but the track "
+                         f"table has {len(targets)}: pass the matching table with --targets")
+    tracks = select_tracks(options.tracks, targets)
+    scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
+                           shifts=options.shifts, device=device, batch_size=options.batch_size)
+    prefix = options.prefix or _default_prefix(options.vcf)
+    vcf_stat = os.stat(options.vcf) if os.path.exists(options.vcf) else None
+    if vcf_stat is None:
+        raise InputError(f"{options.vcf}: no such VCF/BCF file")
+    settings = options.output_settings() | {"prefix": prefix}
+    fingerprint = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
+                   "vcf": os.path.abspath(options.vcf), "vcf_size": vcf_stat.st_size,
+                   "vcf_mtime_ns": vcf_stat.st_mtime_ns, "fasta": os.path.abspath(options.fasta),
+                   "fasta_index_sha256": genome.index_checksum(), "options": settings}
+    run = RunDirectory(options.out_dir, prefix, fingerprint, overwrite=options.overwrite)
+    attrs = {"enformer_vep_version": __version__, "model_sha256": model_sha256, "model_source": str(source),
+             "fasta": os.path.abspath(options.fasta), "fasta_index_sha256": genome.index_checksum(),
+             "vcf": os.path.abspath(options.vcf), "options": json.dumps(settings, sort_keys=True),
+             "statistics": json.dumps({k: STATISTICS[k] for k in options.stats})}
+
+    skipped: collections.Counter = collections.Counter()
+    pending: dict[str, list[Allele]] = {}
+    chunk_index: dict[str, int] = collections.Counter()
+    scored = mismatched = 0
+
+    def flush(chrom: str) -> None:
+        rows = pending.pop(chrom, [])
+        if rows and not run.chunk_done(chrom, chunk_index[chrom]):
+            _score_chunk(run, scorer, genome, chrom, chunk_index[chrom], rows)
+        chunk_index[chrom] += 1
+
+    total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
+    progress = _Progress(options.progress, total)
+    last_record = -1
+    with run.open_skipped() as skip_file:
+        try:
+            for item in read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms,
+                                      pass_only=options.pass_only):
+                if item.record != last_record:
+                    progress.update(item.record - last_record)
+                    last_record = item.record
+                if isinstance(item, Allele):
+                    ok, fasta_ref = ref_matches(genome, item.fasta_chrom, item.pos, item.ref)
+                    if not ok:
+                        if options.ref_mismatch == "error":
+                            raise InputError(f"REF mismatch at {item.chrom}:{item.pos}: VCF has {item.ref}, "
+                                             f"FASTA has {fasta_ref} (--ref-mismatch skip|score to go on)")
+                        if options.ref_mismatch == "skip":
+                            item = Skip(item.chrom, item.pos, item.id, item.ref, item.alt,
+                                        f"REF mismatch (FASTA has {fasta_ref})", item.record)
+                        else:
+                            mismatched += 1
+                if isinstance(item, Skip):
+                    skipped[item.reason.split(" (")[0]] += 1
+                    write_skip(skip_file, item)
+                    continue
+                scored += 1
+                pending.setdefault(item.chrom, []).append(item)
+                if len(pending[item.chrom]) == options.checkpoint_every:
+                    flush(item.chrom)
+            for chrom in list(pending):
+                flush(chrom)
+        finally:
+            progress.close()
+    if scored == 0:
+        run.finish([], targets, options.stats, attrs)
+        detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the VCF holds no records"
+        raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
+    chroms = list(chunk_index)
+    files = run.finish(chroms, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles)
+    return Summary(scored, skipped, mismatched, run.clipped_counts(chroms, options.stats),
+                   time.monotonic() - started, files)
+
+
+def _score_chunk(run: RunDirectory, scorer: VariantScorer, genome: Genome, chrom: str, index: int,
+                 rows: list[Allele]) -> None:
+    """Score ``rows`` in groups of ``batch_size`` variants and stage them as chunk ``index``."""
+    parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    for start in range(0, len(rows), scorer.batch_size):
+        group = rows[start:start + scorer.batch_size]
+        windows = [allele_windows(genome, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
+        stats = scorer.score(np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows]))
+        for name, values in stats.items():
+            parts[name].append(values)
+    stats16, clipped = {}, {}
+    for name, values in parts.items():
+        stats16[name], clipped[name] = to_float16(np.concatenate(values))
+    run.write_chunk(chrom, index, rows, stats16, clipped)
+
+
+def _indexed_record_count(vcf: str) -> int | None:
+    """Records in an indexed VCF/BCF (for the progress bar's ETA); None without an index."""
+    if not any(os.path.exists(vcf + ext) for ext in (".tbi", ".csi")):
+        return None
+    try:
+        import cyvcf2
+        return int(cyvcf2.VCF(vcf, lazy=True).num_records)
+    except Exception:  # noqa: BLE001 - unindexed or unreadable: no total, read_variants reports real errors
+        return None

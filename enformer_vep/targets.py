@@ -1,0 +1,67 @@
+"""Track metadata (the Basenji ``targets_*.txt`` tables) and ``--tracks`` selection."""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Tracks of one output head, in head-column order: ``ids`` = identifier, ``labels`` = description."""
+
+    ids: list[str]
+    labels: list[str]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def subset(self, indices: np.ndarray) -> "Targets":
+        return Targets([self.ids[i] for i in indices], [self.labels[i] for i in indices])
+
+
+def read_targets(path: str | Path) -> Targets:
+    """A tab-separated table with ``identifier`` and ``description`` columns; rows align with the
+    head's columns by order (the mouse table's ``index`` column starts at 5313: SPEC §5)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or not {"identifier", "description"} <= set(rows[0]):
+        raise InputError(f"{path}: expected a tab-separated table with 'identifier' and 'description' columns")
+    return Targets([r["identifier"] for r in rows], [r["description"] for r in rows])
+
+
+def packaged_targets(organism: str) -> Targets:
+    """The released model's tracks: 5313 human or 1643 mouse."""
+    with resources.as_file(resources.files("enformer_vep").joinpath(f"data/targets_{organism}.txt")) as path:
+        return read_targets(path)
+
+
+def select_tracks(spec: str | None, targets: Targets) -> np.ndarray:
+    """Column indices chosen by ``--tracks``: ``None`` = all; ``0-9,15`` = indices and inclusive
+    ranges; anything else is a regular expression searched in each description."""
+    n = len(targets)
+    if spec is None:
+        return np.arange(n)
+    if re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", spec):
+        chosen: list[int] = []
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            lo, hi = int(first), int(last or first)
+            if lo > hi or hi >= n:
+                raise InputError(f"--tracks {part.strip()!r}: tracks are numbered 0..{n - 1}")
+            chosen.extend(range(lo, hi + 1))
+        return np.array(sorted(set(chosen)))
+    try:
+        pattern = re.compile(spec)
+    except re.error as error:
+        raise InputError(f"--tracks {spec!r} is neither an index list nor a valid regular expression: {error}") from None
+    chosen = [i for i, label in enumerate(targets.labels) if pattern.search(label)]
+    if not chosen:
+        raise InputError(f"--tracks {spec!r} matches no track description")
+    return np.array(chosen)

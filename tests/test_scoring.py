@@ -1,0 +1,95 @@
+"""Statistics by hand, and the scorer on a base-counting toy model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from toy_models import BaseCounter
+
+from enformer_vep.scoring import VariantScorer, parse_statistics, shifted, statistics, to_float16
+
+WINDOW = 393_216
+VARIANT = 196_607  # window offset of the variant's first base; model-input offset 98,303 = last base of bin 447
+
+
+def test_statistics_by_hand():
+    ref = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 1.0]]])  # [1 variant, 3 bins, 2 tracks]
+    alt = torch.tensor([[[1.0, 1.0], [7.0, 0.0], [1.0, 1.0]]])
+    got = statistics(ref, alt, ["SAD", "SAR", "SADR", "SAX", "D1", "D2"])
+    # track 0: ref 1,3,0 (sum 4); alt 1,7,1 (sum 9); track 1: ref 0,2,1 (sum 3); alt 1,0,1 (sum 2)
+    expected = {
+        "SAD": [5.0, -1.0],
+        "SAR": [math.log2(8 / 4) + math.log2(2 / 1), math.log2(2 / 1) + math.log2(1 / 3)],
+        "SADR": [math.log2(10 / 5), math.log2(3 / 4)],
+        "SAX": [4.0, -2.0],
+        "D1": [5.0, 3.0],
+        "D2": [math.sqrt(17), math.sqrt(5)],
+    }
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name][0].numpy(), values, rtol=1e-6, err_msg=name)
+
+
+def test_parse_statistics():
+    assert parse_statistics("sad, SAR,SAD") == ["SAD", "SAR"]
+    with pytest.raises(ValueError, match="XYZ"):
+        parse_statistics("SAD,XYZ")
+
+
+def test_float16_clipping_is_counted():
+    values, clipped = to_float16(np.array([1.5, 70000.0, -1e9, 65504.0], np.float32))
+    assert clipped == 2
+    assert values.dtype == np.float16 and np.isfinite(values).all()
+    np.testing.assert_array_equal(values, [1.5, 65504, -65504, 65504])
+
+
+def test_shifted_fills_with_n():
+    codes = np.frombuffer(b"ACGT", np.uint8)[None]
+    assert shifted(codes, 1).tobytes() == b"NACG"
+    assert shifted(codes, -2).tobytes() == b"GTNN"
+
+
+def background(base=b"C"):
+    return np.full(WINDOW, base[0], np.uint8)
+
+
+def score(ref, alt, **kwargs):
+    scorer = VariantScorer(BaseCounter(), stats=["SAD", "SAR"], batch_size=3, **kwargs)
+    return scorer.score(ref[None], alt[None])
+
+
+def test_snv_on_the_toy_model():
+    ref, alt = background(), background()
+    ref[VARIANT], alt[VARIANT] = ord("A"), ord("G")  # bin 447 of a C background: 127 C + A -> 127 C + G
+    out = score(ref, alt)
+    np.testing.assert_array_equal(out["SAD"][0], [-1, 0, 1, 0])  # A C G T
+    np.testing.assert_allclose(out["SAR"][0], [-1, 0, 1, 0], atol=1e-6)  # log2(1) - log2(2) for A
+
+
+def test_rc_averages_strands_with_bins_flipped_back():
+    ref, alt = background(), background()
+    ref[VARIANT], alt[VARIANT] = ord("A"), ord("G")
+    out = score(ref, alt, rc=True)
+    # reverse strand: track A counts the forward T's, C counts G, G counts C, T counts A (same bin 447);
+    # averaged ref at bin 447: A 0.5, C 63.5, G 63.5, T 0.5; alt: A 0, C 64, G 64, T 0; other bins 64 C / 64 G
+    np.testing.assert_allclose(out["SAD"][0], [-0.5, 0.5, 0.5, -0.5], atol=1e-5)
+    sar_a = math.log2(1) - math.log2(1.5)
+    sar_c = math.log2(65) - math.log2(64.5)
+    np.testing.assert_allclose(out["SAR"][0], [sar_a, sar_c, sar_c, sar_a], atol=1e-5)
+
+
+def test_selected_tracks_only():
+    ref, alt = background(), background()
+    ref[VARIANT], alt[VARIANT] = ord("A"), ord("T")
+    scorer = VariantScorer(BaseCounter(), stats=["SAD"], tracks=np.array([3, 0]))
+    np.testing.assert_array_equal(scorer.score(ref[None], alt[None])["SAD"][0], [1, -1])
+
+
+def test_batches_of_any_size_give_the_same_scores():
+    rng = np.random.default_rng(0)
+    ref = np.frombuffer(b"ACGTN", np.uint8)[rng.integers(0, 5, (5, WINDOW))]
+    alt = ref.copy()
+    alt[:, VARIANT - 300:VARIANT + 300] = ord("A")
+    one = VariantScorer(BaseCounter(), batch_size=1, shifts=(-1, 0, 1)).score(ref, alt)
+    many = VariantScorer(BaseCounter(), batch_size=7, shifts=(-1, 0, 1)).score(ref, alt)
+    for name in one:
+        np.testing.assert_array_equal(one[name], many[name])
