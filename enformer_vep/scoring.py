@@ -37,8 +37,8 @@ def statistics(ref: torch.Tensor, alt: torch.Tensor, names: Sequence[str]) -> di
     diff = alt - ref
     out = {}
     for name in names:
-        if name == "SAD":
-            out[name] = alt.sum(1) - ref.sum(1)
+        if name == "SAD":  # summing the differences avoids cancelling two large float32 sums
+            out[name] = diff.sum(1)
         elif name == "SAR":
             out[name] = (torch.log2(alt + 1) - torch.log2(ref + 1)).sum(1)
         elif name == "SADR":

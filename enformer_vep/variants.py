@@ -1,0 +1,299 @@
+"""Stream the alleles to score from a VCF, VCF.gz (bgzip) or BCF, in constant memory.
+
+:func:`read_variants` yields one :class:`Allele` per scorable ALT allele and one
+:class:`Skip` for every allele (or ALT-less record) it will not score, so nothing is
+dropped silently. Records come from cyvcf2 one at a time, either the whole file in
+order or, for ``regions``/``chroms``, through the file's ``.tbi``/``.csi`` index.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Collection, Iterable, Iterator, Sequence
+
+from cyvcf2 import VCF
+
+from .errors import InputError
+
+NO_ALT, SYMBOLIC, INVALID, NOT_PASS, UNKNOWN_CONTIG = SKIP_REASONS = (
+    "no ALT allele", "symbolic allele", "invalid allele", "not PASS", "contig not in FASTA")
+
+#: ``end`` of a region that runs to the end of its contig (largest VCF/BCF position).
+CONTIG_END = 2**31 - 1
+
+_BASES = frozenset("ACGTN")
+_MITO = ("chrM", "MT", "chrMT", "M")
+# gVCF placeholders for "any other allele": a record whose only ALT is one of them has no real ALT.
+_NON_REF = frozenset(("<NON_REF>", "<*>"))
+_COORDS = re.compile(r"(?P<start>\d+)(?:-(?P<end>\d*))?")
+
+
+@dataclass(frozen=True, slots=True)
+class Allele:
+    """One ALT allele to score (a multi-allelic record gives one per ALT, in ALT order)."""
+
+    chrom: str        # contig as written in the VCF
+    fasta_chrom: str  # the FASTA contig it resolves to
+    pos: int          # 1-based VCF POS
+    id: str           # VCF ID, or "chrom:pos" when missing
+    ref: str          # REF, upper case
+    alt: str          # this ALT, upper case
+    record: int       # 0-based ordinal of the record in this stream
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An allele not scored, or one row for a record with no usable ALT (``alt`` '.').
+
+    ``ref``/``alt`` are as written in the VCF; ``reason`` is one of :data:`SKIP_REASONS`.
+    """
+
+    chrom: str
+    pos: int
+    id: str
+    ref: str
+    alt: str
+    reason: str
+    record: int
+
+
+def resolve_contig(vcf_name: str, fasta_contigs: Collection[str]) -> str | None:
+    """The FASTA contig that ``vcf_name`` denotes, or None.
+
+    An exact match wins; otherwise the name with the ``chr`` prefix added or removed
+    ('chr1' <-> '1'), and for mitochondria any of chrM, MT, chrMT, M.
+    """
+    if vcf_name in fasta_contigs:
+        return vcf_name
+    if vcf_name in _MITO:
+        candidates: Iterable[str] = _MITO
+    elif vcf_name.startswith("chr"):
+        candidates = (vcf_name[3:],)
+    else:
+        candidates = ("chr" + vcf_name,)
+    return next((name for name in candidates if name in fasta_contigs), None)
+
+
+def parse_region(text: str) -> tuple[str, int, int]:
+    """Parse 'chr1:1,000-2,000' into ('chr1', 1000, 2000): 1-based, inclusive.
+
+    Also 'chr1' (whole contig), 'chr1:1000-' (to the contig end) and 'chr1:1000'
+    (that one position, as in bcftools); a whole or open-ended region ends at
+    :data:`CONTIG_END`. Commas in numbers are allowed. The text after the last ':' is
+    always read as coordinates, so a contig whose name has a ':' needs them.
+    """
+    text = text.strip()
+    chrom, colon, coords = text.rpartition(":")
+    if not colon:
+        chrom, start, end = text, 1, CONTIG_END
+    else:
+        match = _COORDS.fullmatch(coords.replace(",", ""))
+        if match is None:
+            raise InputError(f"malformed region {text!r}: expected CHROM, CHROM:START-END, CHROM:START- "
+                             "or CHROM:POS")
+        start = int(match["start"])
+        end = start if match["end"] is None else int(match["end"] or CONTIG_END)
+    if not chrom or any(c.isspace() for c in chrom):
+        raise InputError(f"malformed region {text!r}: the contig name is empty or has spaces")
+    if start < 1:
+        raise InputError(f"malformed region {text!r}: positions are 1-based")
+    if start > end:
+        raise InputError(f"malformed region {text!r}: start {start:,} is after end {end:,}")
+    return chrom, start, end
+
+
+def read_variants(path, fasta_contigs: Collection[str], *, regions: Sequence[str] = (),
+                  chroms: Sequence[str] = (), pass_only: bool = False) -> Iterator[Allele | Skip]:
+    """Stream the alleles of a VCF/VCF.gz/BCF as :class:`Allele` and :class:`Skip` rows.
+
+    ``fasta_contigs`` are the reference's contig names; VCF contigs resolve to them with
+    :func:`resolve_contig`. ``regions`` (see :func:`parse_region`) and ``chroms`` (whole
+    contigs), named with the VCF's or the FASTA's convention, select records whose POS
+    lies in them, through the index; overlaps are merged and the output is in VCF order.
+    ``pass_only`` skips records whose FILTER is neither PASS nor '.'.
+
+    The file, its header and the regions are checked before this returns; a malformed
+    record raises :class:`InputError` when the stream reaches it.
+    """
+    path = os.fspath(path)
+    if isinstance(regions, str):
+        regions = (regions,)
+    if isinstance(chroms, str):
+        chroms = (chroms,)
+    spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
+    fasta_names = list(fasta_contigs)
+    fasta = frozenset(fasta_names)
+    vcf = _open(path)
+    try:
+        # For an indexed VCF.gz whose header declares no contigs, htslib takes them from the index.
+        header_contigs = [rec.info()["ID"] for rec in vcf.header_iter() if rec.type == "CONTIG"]
+        if header_contigs and not any(resolve_contig(name, fasta) for name in header_contigs):
+            raise InputError(_no_match_message(header_contigs, fasta_names))
+        if spans:
+            _check_indexed(path)
+            records = _query(vcf, _merge(spans, vcf.seqnames, path))
+        else:
+            records = iter(vcf)
+    except BaseException:
+        vcf.close()
+        raise
+    check = None if header_contigs else fasta_names
+    return _alleles(vcf, records, fasta, pass_only, check_contigs=check, path=path)
+
+
+def _open(path: str) -> VCF:
+    if not os.path.exists(path):
+        raise InputError(f"VCF file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"expected a VCF file, got a directory: {path}")
+    try:
+        return VCF(path, lazy=True)
+    except OSError as exc:
+        raise InputError(f"not a readable VCF/BCF file (or its header is malformed): {path}") from exc
+
+
+def _sniff(path: str) -> str:
+    """'bgzf-vcf', 'bgzf-bcf', 'gzip' (plain, not bgzip) or 'plain'."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if head[:2] != b"\x1f\x8b":
+        return "plain"
+    # BGZF = gzip member with the FEXTRA flag and a 'BC' subfield right after the fixed header
+    if len(head) < 18 or not head[3] & 4 or head[12:14] != b"BC":
+        return "gzip"
+    data = zlib.decompressobj(31).decompress(head, 8)
+    return "bgzf-bcf" if data.startswith(b"BCF") else "bgzf-vcf"
+
+
+def _check_indexed(path: str) -> None:
+    kind = _sniff(path)
+    if kind == "plain":
+        raise InputError(f"regions need a bgzip-compressed, indexed VCF; {path} is not compressed: "
+                         f"run `bgzip {path}` then `tabix -p vcf {path}.gz`")
+    if kind == "gzip":
+        raise InputError(f"{path} is gzip- but not bgzip-compressed, so it cannot be indexed for regions: "
+                         f"recompress it with `zcat {path} | bgzip > NEW.vcf.gz` and index it with "
+                         "`tabix -p vcf NEW.vcf.gz`")
+    is_bcf = kind == "bgzf-bcf"
+    # cyvcf2 picks the index reader (tabix vs BCF) from the file name, and the wrong one returns nothing.
+    if is_bcf != path.endswith(".bcf"):
+        raise InputError(f"{path} holds {'BCF' if is_bcf else 'VCF'} data but is "
+                         f"{'not ' if is_bcf else ''}named .bcf; rename it to use regions")
+    if is_bcf and not os.path.exists(path + ".csi"):
+        raise InputError(f"regions need an index, but {path}.csi does not exist: "
+                         f"make one with `bcftools index {path}`")
+    if not is_bcf and not (os.path.exists(path + ".tbi") or os.path.exists(path + ".csi")):
+        raise InputError(f"regions need an index, but neither {path}.tbi nor {path}.csi exists: "
+                         f"make one with `tabix -p vcf {path}` or `bcftools index {path}`")
+
+
+def _merge(spans: list[tuple[str, int, int]], vcf_contigs: list[str],
+           path: str) -> list[tuple[str, int, int]]:
+    """Resolve span contigs to the VCF's names, merge overlaps, and order them as the VCF is."""
+    order = {name: i for i, name in enumerate(vcf_contigs)}
+    by_contig: dict[str, list[tuple[int, int]]] = {}
+    for chrom, start, end in spans:
+        name = resolve_contig(chrom, order)
+        if name is None:
+            raise InputError(f"region contig {chrom!r} is not in {path} (it has {_few(vcf_contigs)})")
+        by_contig.setdefault(name, []).append((start, end))
+    merged = []
+    for name in sorted(by_contig, key=order.__getitem__):
+        spans_here = sorted(by_contig[name])
+        cur_start, cur_end = spans_here[0]
+        for start, end in spans_here[1:]:
+            if start > cur_end + 1:
+                merged.append((name, cur_start, cur_end))
+                cur_start = start
+            cur_end = max(cur_end, end)
+        merged.append((name, cur_start, cur_end))
+    return merged
+
+
+def _query(vcf: VCF, spans: list[tuple[str, int, int]]) -> Iterator:
+    for chrom, start, end in spans:
+        records = vcf(f"{chrom}:{start}-{end}")
+        with warnings.catch_warnings():
+            # cyvcf2 warns when the index has no records on the contig: an empty region, not a fault.
+            warnings.filterwarnings("ignore", message="no intervals found")
+            first = next(records, None)
+        if first is None:
+            continue
+        # The index returns records overlapping the span; keep those starting in it, so a record
+        # is never in two disjoint spans.
+        for rec in itertools.chain((first,), records):
+            if start <= rec.POS <= end:
+                yield rec
+
+
+def _alleles(vcf: VCF, records: Iterator, fasta: frozenset[str], pass_only: bool, *,
+             check_contigs: list[str] | None, path: str) -> Iterator[Allele | Skip]:
+    """Rows for ``records``; with ``check_contigs`` (the FASTA's names, given when the header
+    declares no contigs) fail at the end if no record's contig resolved."""
+    resolved: dict[str, str | None] = {}
+    n, last = 0, None
+    try:
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration:
+                break
+            except Exception as exc:  # cyvcf2 raises a bare Exception for htslib parse/read errors
+                where = f"after {last[0]}:{last[1]}" if last else "at the first record"
+                raise InputError(f"malformed or truncated VCF record {where} (record {n + 1}, counting from 1) "
+                                 f"in {path}") from exc
+            chrom, pos = rec.CHROM, rec.POS
+            if chrom not in resolved:
+                resolved[chrom] = resolve_contig(chrom, fasta)
+            yield from _rows(rec, chrom, pos, resolved[chrom], pass_only, n)
+            n, last = n + 1, (chrom, pos)
+    finally:
+        vcf.close()
+    if check_contigs is not None and resolved and not any(resolved.values()):
+        raise InputError(_no_match_message(list(resolved), check_contigs))
+
+
+def _rows(rec, chrom: str, pos: int, fasta_chrom: str | None, pass_only: bool,
+          n: int) -> Iterator[Allele | Skip]:
+    vid = rec.ID or f"{chrom}:{pos}"
+    ref, alts = rec.REF, rec.ALT
+    if not alts or all(alt in _NON_REF for alt in alts):
+        yield Skip(chrom, pos, vid, ref, ".", NO_ALT, n)
+        return
+    if fasta_chrom is None:
+        record_reason = UNKNOWN_CONTIG
+    elif pass_only and any(f != "PASS" for f in rec.FILTERS):
+        record_reason = NOT_PASS
+    else:
+        record_reason = None
+    ref_upper = ref.upper()
+    ref_ok = _BASES.issuperset(ref_upper)
+    for alt in alts:
+        reason = record_reason or _allele_problem(alt, ref_ok)
+        if reason:
+            yield Skip(chrom, pos, vid, ref, alt, reason, n)
+        else:
+            yield Allele(chrom, fasta_chrom, pos, vid, ref_upper, alt.upper(), n)
+
+
+def _allele_problem(alt: str, ref_ok: bool) -> str | None:
+    if (alt.startswith("<") or alt == "*" or "[" in alt or "]" in alt
+            or len(alt) > 1 and (alt.startswith(".") or alt.endswith("."))):
+        return SYMBOLIC
+    if not ref_ok or not _BASES.issuperset(alt.upper()):
+        return INVALID
+    return None
+
+
+def _few(names: Sequence[str], k: int = 5) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f"... ({len(names)} in all)" if len(names) > k else "")
+
+
+def _no_match_message(vcf_contigs: Sequence[str], fasta_contigs: Sequence[str]) -> str:
+    return (f"no VCF contig matches the FASTA: VCF has {_few(vcf_contigs)}; "
+            f"FASTA has {_few(fasta_contigs) or 'no contigs'}")

@@ -1,0 +1,361 @@
+"""Genome: plain and BGZF FASTA reads against plain string slicing, index building and errors.
+
+Expected sequences come from reading the FASTA with ``open()`` into a dict and slicing strings; expected
+indexes are written down by hand or produced by the test's own BGZF writer.
+"""
+import errno
+import gzip
+import hashlib
+import pickle
+import random
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from helpers import DATA
+
+from enformer_vep import genome as genome_module
+from enformer_vep.errors import InputError
+from enformer_vep.genome import Genome
+
+GIAB = DATA / "grch38_chr1_giab_hg002"
+CHR1_LENGTH = 860_893
+# The standard 28-byte BGZF end-of-file marker (SAM/BAM spec §4.1.2).
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+
+def read_fasta(path) -> dict:
+    """name -> sequence as written (case kept), by plain line splitting."""
+    with open(path, "rb") as f:
+        return read_fasta_text(f.read().decode())
+
+
+def read_fasta_text(text: str) -> dict:
+    seqs, name = {}, None
+    for line in text.splitlines():
+        if line.startswith(">"):
+            name = line[1:].split()[0]
+            seqs[name] = ""
+        elif name is not None:
+            seqs[name] += line
+    return seqs
+
+
+def padded(seq: str, start: int, end: int) -> str:
+    """seq[start:end] upper-cased, with N for every position outside the sequence."""
+    lo, hi = max(start, 0), min(end, len(seq))
+    if lo >= hi:
+        return "N" * (end - start)
+    return "N" * (lo - start) + seq[lo:hi].upper() + "N" * (end - hi)
+
+
+def fetch_str(g: Genome, chrom: str, start: int, end: int) -> str:
+    codes = g.fetch(chrom, start, end)
+    assert codes.dtype == np.uint8 and codes.shape == (end - start,)
+    return codes.tobytes().decode()
+
+
+def bgzf_block(chunk: bytes, extra_subfield: bytes = b"") -> bytes:
+    """One BGZF member: gzip header with FEXTRA holding the BC (block size - 1) subfield, raw deflate, CRC, ISIZE."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = compressor.compress(chunk) + compressor.flush()
+    xlen = len(extra_subfield) + 6
+    bsize = 12 + xlen + len(body) + 8
+    header = (b"\x1f\x8b\x08\x04" + b"\0\0\0\0" + b"\0\xff" + struct.pack("<H", xlen) + extra_subfield
+              + b"BC" + struct.pack("<HH", 2, bsize - 1))
+    return header + body + struct.pack("<II", zlib.crc32(chunk), len(chunk))
+
+
+def bgzip(data: bytes, block_size: int, extra_subfield: bytes = b"") -> tuple[bytes, bytes]:
+    """(BGZF file bytes, matching .gzi bytes) with uncompressed blocks of ``block_size`` and the EOF block."""
+    out, entries = bytearray(), []
+    for u in range(0, len(data), block_size):
+        if u:
+            entries.append((len(out), u))
+        out += bgzf_block(data[u:u + block_size], extra_subfield)
+    out += BGZF_EOF
+    gzi = struct.pack("<Q", len(entries)) + b"".join(struct.pack("<QQ", c, u) for c, u in entries)
+    return bytes(out), gzi
+
+
+def test_bgzf_writer_makes_the_standard_eof_block():
+    assert bgzf_block(b"") == BGZF_EOF
+
+
+def make_fasta(newline: str) -> tuple[str, str]:
+    """(FASTA text, its .fai written by hand-following the format): contigs of different line widths,
+    soft-masked runs, N runs, one contig with a short last line and one of 5 bases."""
+    rng = random.Random(7)
+    contigs = [("chrA", 1003, 7), ("chrB", 2600, 13), ("tiny", 5, 60), ("chrM", 4000, 50)]
+    text, fai = "", ""
+    for name, length, width in contigs:
+        seq = "".join(rng.choice("ACGTACGTacgtN") for _ in range(length))
+        header = f">{name} description words{newline}"
+        offset = len(text) + len(header)
+        lines = [seq[i:i + width] for i in range(0, length, width)]
+        text += header + "".join(line + newline for line in lines)
+        fai += f"{name}\t{length}\t{offset}\t{len(lines[0])}\t{len(lines[0]) + len(newline)}\n"
+    return text, fai
+
+
+@pytest.fixture(scope="module")
+def chr1() -> str:
+    return read_fasta(GIAB / "reference.fa")["1"]
+
+
+def test_real_reference_random_fetches(chr1):
+    g = Genome(GIAB / "reference.fa")
+    assert g.contigs == {"1": CHR1_LENGTH} and len(chr1) == CHR1_LENGTH
+    rng = random.Random(0)
+    spans = [(0, 10), (9_990, 10_010), (-5, 5), (-400_000, -1), (CHR1_LENGTH - 3, CHR1_LENGTH + 3),
+             (CHR1_LENGTH, CHR1_LENGTH + 10), (CHR1_LENGTH + 10**6, CHR1_LENGTH + 10**6 + 7), (5, 5),
+             (-200_000, CHR1_LENGTH + 200_000)]
+    for _ in range(300):
+        start = rng.randint(-450_000, CHR1_LENGTH + 50_000)
+        spans.append((start, start + rng.choice([1, 2, 59, 60, 61, 121, rng.randint(0, 393_216), 393_216])))
+    for start, end in spans:
+        assert fetch_str(g, "1", start, end) == padded(chr1, start, end), (start, end)
+    assert fetch_str(g, "1", 0, 10_000) == "N" * 10_000  # the hg38 gap 1-10000
+    assert fetch_str(g, "1", 10_000, 10_006) == chr1[10_000:10_006] != "NNNNNN"
+
+
+def test_window_past_the_end_is_full_length_n_padded():
+    g = Genome(GIAB / "reference.fa")
+    codes = g.fetch("1", CHR1_LENGTH - 100, CHR1_LENGTH - 100 + 393_216)
+    assert codes.shape == (393_216,) and (codes[100:] == ord("N")).all() and (codes[:100] != ord("N")).any()
+
+
+def test_built_fai_equals_samtools_fai(tmp_path):
+    shutil.copyfile(GIAB / "reference.fa", tmp_path / "reference.fa")
+    g = Genome(tmp_path / "reference.fa")
+    assert (tmp_path / "reference.fa.fai").read_bytes() == (GIAB / "reference.fa.fai").read_bytes()
+    assert g.index_checksum() == hashlib.sha256((GIAB / "reference.fa.fai").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("newline, fai", [
+    ("\n", "a\t7\t3\t5\t6\nb\t3\t17\t3\t4\n"),
+    ("\r\n", "a\t7\t4\t5\t7\nb\t3\t21\t3\t5\n"),
+])
+def test_built_fai_hand_derived(tmp_path, newline, fai):
+    (tmp_path / "t.fa").write_bytes(newline.join([">a", "ACGTA", "CG", ">b x", "AAA", ""]).encode())
+    g = Genome(tmp_path / "t.fa")
+    assert (tmp_path / "t.fa.fai").read_text() == fai
+    assert g.contigs == {"a": 7, "b": 3}
+    assert fetch_str(g, "a", -1, 9) == "NACGTACGNN" and fetch_str(g, "b", 0, 3) == "AAA"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_hand_fasta_soft_masked_line_endings_widths(tmp_path, newline):
+    text, fai = make_fasta(newline)
+    path = tmp_path / "hand.fa"
+    path.write_bytes(text.encode())
+    seqs = read_fasta(path)
+    g = Genome(path)
+    assert (tmp_path / "hand.fa.fai").read_text() == fai
+    assert g.contigs == {name: len(seq) for name, seq in seqs.items()}
+    assert list(g.contigs) == ["chrA", "chrB", "tiny", "chrM"]
+    assert any(c.islower() for c in seqs["chrA"])
+    for name, seq in seqs.items():
+        n = len(seq)
+        for start in range(-3, n + 3, max(1, n // 40)):
+            for end in {start, start + 1, start + 6, start + 7, start + 8, start + 50, n + 2}:
+                if end >= start:
+                    assert fetch_str(g, name, start, end) == padded(seq, start, end), (name, start, end)
+    # A contig much shorter than a window.
+    assert fetch_str(g, "tiny", -196_608, 196_608) == "N" * 196_608 + seqs["tiny"].upper() + "N" * 196_603
+
+
+def test_bgzf_reads_like_plain_with_block_boundaries_inside_lines_and_fetches(tmp_path):
+    text, fai = make_fasta("\n")
+    data = text.encode()
+    compressed, gzi = bgzip(data, 50)  # lines are 7, 13, 60 and 50 bases wide: boundaries fall inside them
+    (tmp_path / "hand.fa.gz").write_bytes(compressed)
+    (tmp_path / "hand.fa.gz.fai").write_text(fai)
+    (tmp_path / "hand.fa.gz.gzi").write_bytes(gzi)
+    seqs = read_fasta_text(text)
+    g = Genome(tmp_path / "hand.fa.gz")
+    assert g.contigs == {name: len(seq) for name, seq in seqs.items()}
+    rng = random.Random(1)
+    for _ in range(400):
+        name = rng.choice(list(seqs))
+        start = rng.randint(-20, len(seqs[name]) + 20)
+        end = start + rng.randint(0, 300)
+        assert fetch_str(g, name, start, end) == padded(seqs[name], start, end), (name, start, end)
+    assert g.index_checksum() == hashlib.sha256(fai.encode() + gzi).hexdigest()
+
+
+def test_bgzf_indexes_are_built(tmp_path):
+    text, fai = make_fasta("\r\n")
+    compressed, gzi = bgzip(text.encode(), 333, extra_subfield=b"XY\x02\x00hi")
+    (tmp_path / "hand.fa.gz").write_bytes(compressed)
+    g = Genome(tmp_path / "hand.fa.gz")
+    assert (tmp_path / "hand.fa.gz.fai").read_text() == fai
+    assert (tmp_path / "hand.fa.gz.gzi").read_bytes() == gzi
+    seqs = read_fasta_text(text)
+    for name, seq in seqs.items():
+        assert fetch_str(g, name, -10, len(seq) + 10) == padded(seq, -10, len(seq) + 10)
+
+
+def test_real_reference_bgzf(tmp_path, chr1):
+    data = (GIAB / "reference.fa").read_bytes()
+    compressed, gzi = bgzip(data, 0xff00)  # bgzip's own block size
+    (tmp_path / "ref.fa.gz").write_bytes(compressed)
+    g = Genome(tmp_path / "ref.fa.gz")
+    assert (tmp_path / "ref.fa.gz.fai").read_bytes() == (GIAB / "reference.fa.fai").read_bytes()
+    assert (tmp_path / "ref.fa.gz.gzi").read_bytes() == gzi
+    rng = random.Random(2)
+    for _ in range(60):
+        start = rng.randint(-400_000, CHR1_LENGTH + 10_000)
+        end = start + rng.choice([1, 61, 0xff00, 393_216])
+        assert fetch_str(g, "1", start, end) == padded(chr1, start, end), (start, end)
+
+
+def test_pickle_reopens_the_file(tmp_path):
+    text, _ = make_fasta("\n")
+    (tmp_path / "hand.fa").write_text(text)
+    g = Genome(tmp_path / "hand.fa")
+    copy = pickle.loads(pickle.dumps(g))
+    g.close()
+    assert copy.contigs == g.contigs and copy.index_checksum() == g.index_checksum()
+    assert fetch_str(copy, "chrB", -2, 100) == padded(read_fasta_text(text)["chrB"], -2, 100)
+
+
+def test_unwritable_directory_gives_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    (folder / "t.fa").write_text(">a\nACGT\n")
+    folder.chmod(0o555)
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+            probe.unlink()
+            writable = True
+        except PermissionError:
+            writable = False
+        if writable:  # running as root: permissions do not stop writes, so refuse the write the way the OS would
+
+            def refuse(path, content):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+
+            monkeypatch.setattr(genome_module, "_write_atomic", refuse)
+        with pytest.raises(InputError, match=r"t\.fa\.fai is missing and cannot be written \(Permission denied\)"
+                                             r".*samtools faidx .*t\.fa"):
+            Genome(folder / "t.fa")
+        assert sorted(p.name for p in folder.iterdir()) == ["t.fa"]
+    finally:
+        folder.chmod(0o755)
+
+
+def test_unwritable_gzi_gives_clear_error(tmp_path, monkeypatch):
+    compressed, _ = bgzip(b">a\nACGT\n", 4)
+    (tmp_path / "t.fa.gz").write_bytes(compressed)
+
+    def refuse(path, content):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(genome_module, "_write_atomic", refuse)
+    with pytest.raises(InputError, match=r"t\.fa\.gz\.gzi is missing .*samtools faidx"):
+        Genome(tmp_path / "t.fa.gz")
+
+
+@pytest.mark.parametrize("text, why", [
+    (">a\nACGT\nAC\nACGT\n", r"line 4 \(sequence 'a'\) follows a shorter line"),
+    (">a\nACGT\nACGTA\n", r"line 3 \(sequence 'a'\) is longer"),
+    (">a\nACGT\n\nACGT\n", r"line 4 \(sequence 'a'\) follows a shorter line"),
+    (">a\nACGT\r\nACGT\n", r"line 3 \(sequence 'a'\) .*other line endings"),
+    (">a\nAC\n>a\nAC\n", r"line 3 \(sequence 'a'\) repeats an earlier sequence name"),
+    (">\nAC\n", r"line 1 is a '>' header without a name"),
+])
+def test_malformed_fasta_is_not_indexed(tmp_path, text, why):
+    (tmp_path / "bad.fa").write_text(text, newline="")
+    with pytest.raises(InputError, match="cannot index .*bad.fa: " + why):
+        Genome(tmp_path / "bad.fa")
+    assert not (tmp_path / "bad.fa.fai").exists()
+
+
+def test_short_last_line_and_trailing_blank_lines_are_fine(tmp_path):
+    (tmp_path / "t.fa").write_text(">a\nACGT\nAC\n\n\n>b\nGG\nG")
+    g = Genome(tmp_path / "t.fa")
+    assert g.contigs == {"a": 6, "b": 3}
+    assert fetch_str(g, "a", 0, 7) == "ACGTACN" and fetch_str(g, "b", -1, 4) == "NGGGN"
+
+
+def test_plain_gzip_is_refused(tmp_path):
+    (tmp_path / "t.fa.gz").write_bytes(gzip.compress(b">a\nACGT\n"))
+    with pytest.raises(InputError, match="not BGZF: gunzip it or recompress it with `bgzip`"):
+        Genome(tmp_path / "t.fa.gz")
+
+
+def test_gzip_after_a_bgzf_block_is_refused(tmp_path):
+    (tmp_path / "t.fa.gz").write_bytes(bgzf_block(b">a\nAC") + gzip.compress(b"GT\n"))
+    with pytest.raises(InputError, match=r"not BGZF throughout \(no BGZF block at byte \d+\)"):
+        Genome(tmp_path / "t.fa.gz")
+
+
+def test_not_a_fasta(tmp_path):
+    (tmp_path / "t.fa").write_bytes(b"BZh91AY&SY")
+    with pytest.raises(InputError, match="not a FASTA file"):
+        Genome(tmp_path / "t.fa")
+    with pytest.raises(InputError, match="cannot read the FASTA .*missing.fa"):
+        Genome(tmp_path / "missing.fa")
+
+
+def test_unknown_contig(tmp_path):
+    (tmp_path / "t.fa").write_text(">1\nACGT\n>2\nAC\n")
+    g = Genome(tmp_path / "t.fa")
+    with pytest.raises(InputError, match=r"contig 'chr1' is not in the FASTA .*t\.fa \(it has contigs 1, 2\)"):
+        g.fetch("chr1", 0, 2)
+    with pytest.raises(ValueError):
+        g.fetch("1", 3, 2)
+
+
+def test_index_checksum_follows_the_fai(tmp_path):
+    (tmp_path / "t.fa").write_text(">a\nACGT\n>b\nAC\n")
+    first = Genome(tmp_path / "t.fa").index_checksum()
+    assert first == hashlib.sha256(b"a\t4\t3\t4\t5\nb\t2\t11\t2\t3\n").hexdigest()
+    (tmp_path / "t.fa.fai").write_text("a\t4\t3\t4\t5\n")  # a valid index that leaves out b
+    second = Genome(tmp_path / "t.fa")
+    assert second.index_checksum() != first and second.contigs == {"a": 4}
+
+
+def test_stale_index_is_detected(tmp_path):
+    (tmp_path / "t.fa").write_text(">a\nACGTACGT\nACGT\n")
+    Genome(tmp_path / "t.fa")
+    (tmp_path / "t.fa").write_text(">a\nACGTACGT\n")
+    with pytest.raises(InputError, match=r"t\.fa\.fai does not match .*contig 'a'"):
+        Genome(tmp_path / "t.fa")
+    (tmp_path / "t.fa").write_text(">a\nACGT\nACGT\nACGT\n")  # long enough, but another line width
+    with pytest.raises(InputError, match="does not match its index"):
+        Genome(tmp_path / "t.fa").fetch("a", 0, 12)
+
+
+def test_malformed_indexes(tmp_path):
+    (tmp_path / "t.fa").write_text(">a\nACGT\n")
+    (tmp_path / "t.fa.fai").write_text("a\tfour\t3\t4\t5\n")
+    with pytest.raises(InputError, match=r"malformed FASTA index .*t\.fa\.fai \(line 1\)"):
+        Genome(tmp_path / "t.fa")
+    (tmp_path / "t.fa.fai").write_text("")
+    with pytest.raises(InputError, match=r"the FASTA index .*t\.fa\.fai is empty"):
+        Genome(tmp_path / "t.fa")
+    compressed, gzi = bgzip(b">a\nACGT\n", 4)
+    (tmp_path / "t.fa.gz").write_bytes(compressed)
+    (tmp_path / "t.fa.gz.gzi").write_bytes(gzi[:-1])
+    with pytest.raises(InputError, match=r"malformed BGZF index .*t\.fa\.gz\.gzi"):
+        Genome(tmp_path / "t.fa.gz")
+
+
+def test_corrupt_bgzf_block(tmp_path):
+    compressed, gzi = bgzip(b">a\n" + b"ACGT" * 100 + b"\n", 64)
+    second = struct.unpack("<Q", gzi[8:16])[0]  # compressed offset of the second block
+    damaged = bytearray(compressed)
+    damaged[second + 18:second + 22] = b"\xff\xff\xff\xff"  # inside its deflate data
+    (tmp_path / "t.fa.gz").write_bytes(bytes(damaged))
+    (tmp_path / "t.fa.gz.gzi").write_bytes(gzi)
+    (tmp_path / "t.fa.gz.fai").write_text("a\t400\t3\t400\t401\n")
+    g = Genome(tmp_path / "t.fa.gz")
+    assert fetch_str(g, "a", 0, 8) == "ACGTACGT"  # the first block is intact
+    with pytest.raises(InputError, match=rf"t\.fa\.gz is corrupt: BGZF block at byte {second}"):
+        g.fetch("a", 0, 100)

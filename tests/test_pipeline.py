@@ -1,0 +1,352 @@
+"""`enformer-score VCF --fasta FA`: end to end on real data, on a hand-derivable toy model,
+on bad inputs, and across a SIGKILL."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pyfaidx
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import DATA
+from toy_models import BaseCounter
+
+from enformer_vep.cli import cli
+from enformer_vep.errors import InputError
+from enformer_vep.model import Enformer, EnformerConfig
+from enformer_vep.pipeline import ScoreOptions, score_vcf
+from enformer_vep.weights import save_native
+
+GIAB = DATA / "grch38_chr1_giab_hg002"
+WIN, HALF = 393_216, 196_608
+
+
+def vcf_records(path):
+    """(CHROM, POS, ID, REF, ALT) of a plain-text VCF, in file order."""
+    rows = []
+    for line in open(path):
+        if not line.startswith("#"):
+            chrom, pos, vid, ref, alt = line.split("\t")[:5]
+            rows.append((chrom, int(pos), vid, ref, alt))
+    return rows
+
+
+RECORDS = vcf_records(GIAB / "input.vcf")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small random Enformer with the released human head size (5313 tracks); its weights are
+    doubled so that single-base variants move the predictions well above float32 noise."""
+    torch.manual_seed(11)
+    model = Enformer(EnformerConfig(channels=24, num_heads=2, num_transformer_layers=1,
+                                    conv_filters=[16, 16, 16, 16, 24, 24], heads={"human": 5313}))
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean") or name.endswith(".bias"):
+                tensor.normal_(0, 0.1)
+            elif name.endswith("weight") and tensor.ndim > 1:
+                tensor.mul_(2.0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    return path, model.eval()
+
+
+# --- an independent, deliberately plain computation (SPEC §4-5) --------------------------------
+
+@pytest.fixture(scope="module")
+def chromosome():
+    return str(pyfaidx.Fasta(str(GIAB / "reference.fa"))["1"]).upper()
+
+
+def padded(seq, start, end):
+    return "N" * max(0, -start) + seq[max(0, start):min(len(seq), end)] + "N" * max(0, end - max(len(seq), start))
+
+
+def plain_one_hot(text):
+    rows = {"A": [1, 0, 0, 0], "C": [0, 1, 0, 0], "G": [0, 0, 1, 0], "T": [0, 0, 0, 1]}
+    return torch.tensor([rows.get(c, [0, 0, 0, 0]) for c in text], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def expected_scores(tiny_model, chromosome):
+    """SAD and SAR of every GIAB variant: windows by string slicing, the model once per sequence."""
+    model = tiny_model[1]
+    out = []
+    for _, pos, _, ref, alt in RECORDS:
+        start = pos - HALF
+        ref_window = padded(chromosome, start, start + WIN)
+        offset = pos - 1 - start
+        assert ref_window[offset:offset + len(ref)] == ref
+        alt_window = (ref_window[:offset] + alt + padded(chromosome, pos - 1 + len(ref), start + WIN + len(ref)))[:WIN]
+        assert len(ref_window) == len(alt_window) == WIN
+        pr = model.predict(plain_one_hot(ref_window)[None])["human"][0].double()
+        pa = model.predict(plain_one_hot(alt_window)[None])["human"][0].double()
+        out.append(((pa.sum(0) - pr.sum(0)).numpy(), (torch.log2(pa + 1) - torch.log2(pr + 1)).sum(0).numpy()))
+    return out
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def only_h5(out):
+    files = sorted(out.glob("*.h5"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def vcf_run(tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp("vcf_run")
+    result = run_cli(GIAB / "input.vcf", "--fasta", GIAB / "reference.fa", "--model", tiny_model[0],
+                     "-o", out, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_real_variants_equal_the_independent_computation(vcf_run, expected_scores):
+    out, log = vcf_run
+    assert "scored 100 variant alleles" in log
+    with h5py.File(out / "input.chr1.h5", "r") as f:
+        assert f["SAD"].shape == (100, 5313) and f["SAD"].dtype == np.float16
+        assert [(c.decode(), int(p), r.decode(), a.decode()) for c, p, r, a in
+                zip(f["chr"][:], f["pos"][:], f["ref"][:], f["alt"][:])] == [(c, p, r, a) for c, p, _, r, a in RECORDS]
+        assert f["snp"][0].decode() == f"chr1:{RECORDS[0][1]}"  # ID '.' -> chr:pos
+        assert f["ref_allele"][5] == f["ref"][5] and f["alt_allele"][5] == f["alt"][5]
+        assert f["target_ids"][0] == b"ENCFF833POA" and f["target_labels"].shape == (5313,)
+        for i, (sad, sar) in enumerate(expected_scores):
+            for name, want in (("SAD", sad), ("SAR", sar)):
+                got = f[name][i].astype(np.float64)
+                tolerance = 2e-3 * np.abs(want) + 1e-3 * (np.abs(want).max() + 1e-6)
+                assert (np.abs(got - want) <= tolerance).all(), (name, i, np.abs(got - want).max())
+        assert sum(len(r) != len(a) for _, _, _, r, a in RECORDS) == 9  # 6 insertions, 3 deletions
+
+
+def _same_rows(file_a, file_b, rows=None):
+    with h5py.File(file_a, "r") as a, h5py.File(file_b, "r") as b:
+        for name in ("snp", "chr", "pos", "ref", "alt", "SAD", "SAR", "target_ids", "target_labels"):
+            want = a[name][:] if rows is None or name.startswith("target") else a[name][:][rows]
+            np.testing.assert_array_equal(b[name][:], want, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["input.vcf.gz", "input.bcf"])
+def test_compressed_and_binary_inputs_give_the_same_file(tmp_path, vcf_run, tiny_model, name):
+    result = run_cli(GIAB / name, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0], "-o", tmp_path,
+                     "--device", "cpu", "--no-progress", "--prefix", "input")
+    assert result.exit_code == 0, result.output
+    _same_rows(vcf_run[0] / "input.chr1.h5", only_h5(tmp_path))
+
+
+def test_regions(tmp_path, vcf_run, tiny_model):
+    regions = ["chr1:620000-640000", "1:630000-650000", "chr1:850000-850893"]  # overlapping, both namings
+    args = [GIAB / "input.vcf.gz", "--fasta", GIAB / "reference.fa", "--model", tiny_model[0], "-o", tmp_path,
+            "--device", "cpu", "--no-progress"]
+    for region in regions:
+        args += ["--region", region]
+    assert run_cli(*args).exit_code == 0
+    rows = [i for i, r in enumerate(RECORDS) if 620000 <= r[1] <= 650000 or 850000 <= r[1] <= 850893]
+    assert 0 < len(rows) < 100
+    _same_rows(vcf_run[0] / "input.chr1.h5", only_h5(tmp_path), rows)
+
+
+# --- a toy model whose scores are derived by hand -----------------------------------------------
+
+TOY_TARGETS = "index\tgenome\tidentifier\tfile\tclip\tscale\tsum_stat\tdescription\n" + "".join(
+    f"{i}\t0\tcount_{b}\t.\t0\t1\tsum\tTOY:{b}\n" for i, b in enumerate("ACGT"))
+P = 300_000  # 1-based position of the variants' first base, far from the contig ends
+
+
+def toy_genome(tmp_path):
+    """Contig `t` of 600,000 C, with A at P and T at P+1..P+4 (1-based)."""
+    seq = ["C"] * 600_000
+    seq[P - 1] = "A"
+    for i in range(P, P + 4):
+        seq[i] = "T"
+    fasta = tmp_path / "toy.fa"
+    fasta.write_text(">t\n" + "\n".join("".join(seq[i:i + 60]) for i in range(0, len(seq), 60)) + "\n")
+    targets = tmp_path / "targets.txt"
+    targets.write_text(TOY_TARGETS)
+    return fasta, targets
+
+
+def toy_vcf(tmp_path, records):
+    vcf = tmp_path / "toy.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=t,length=600000>\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   + "".join(f"t\t{P}\t{vid}\t{ref}\t{alt}\t.\tPASS\t.\n" for vid, ref, alt in records))
+    return vcf
+
+
+def test_toy_model_snv_insertion_deletion_by_hand(tmp_path):
+    """Bin 447 ends with the A at P; bin 448 starts with TTTT then 124 C (tracks count A, C, G, T)."""
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [("snv", "A", "G"), ("ins", "A", "AGG"), ("del", "ATT", "A")])
+    score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets), progress=False),
+              model=BaseCounter())
+    with h5py.File(tmp_path / "out" / "toy.t.h5", "r") as f:
+        sad, sar = f["SAD"][:].astype(np.float64), f["SAR"][:].astype(np.float64)
+        assert [s.decode() for s in f["snp"][:]] == ["snv", "ins", "del"]
+    l2 = np.log2
+    # SNV A->G in bin 447 (1 A + 127 C -> 1 G + 127 C)
+    np.testing.assert_allclose(sad[0], [-1, 0, 1, 0])
+    np.testing.assert_allclose(sar[0], [-1, 0, 1, 0], atol=1e-3)
+    # insertion of GG after the A: bin 448 becomes GG + TTTT + 122 C; every later bin shifts right by 2
+    # bases of C, so only bin 448 changes (the far right end falls outside the model's bins)
+    np.testing.assert_allclose(sad[1], [0, -2, 2, 0])
+    np.testing.assert_allclose(sar[1], [0, l2(123) - l2(125), l2(3), 0], atol=2e-3)
+    # deletion of TT: bin 448 becomes TT + 126 C
+    np.testing.assert_allclose(sad[2], [0, 2, 0, -2])
+    np.testing.assert_allclose(sar[2], [0, l2(127) - l2(125), 0, l2(3) - l2(5)], atol=2e-3)
+
+
+def test_toy_model_reverse_complement_by_hand(tmp_path):
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [("snv", "A", "G")])
+    score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets), rc=True,
+                           progress=False), model=BaseCounter())
+    with h5py.File(tmp_path / "out" / "toy.t.h5", "r") as f:
+        sad, sar = f["SAD"][0].astype(np.float64), f["SAR"][0].astype(np.float64)
+    # averaged over strands, bin 447: ref A 0.5, C 63.5, G 63.5, T 0.5 -> alt A 0, C 64, G 64, T 0
+    np.testing.assert_allclose(sad, [-0.5, 0.5, 0.5, -0.5])
+    sar_a, sar_c = np.log2(1) - np.log2(1.5), np.log2(65) - np.log2(64.5)
+    np.testing.assert_allclose(sar, [sar_a, sar_c, sar_c, sar_a], atol=1e-3)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+def fails_cleanly(out, *args):
+    result = CliRunner().invoke(cli, [str(a) for a in args] + ["-o", str(out), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, result.output
+    assert not list(out.glob("*.h5")) if out.exists() else True
+    return error[0]
+
+
+def giab_vcf(tmp_path, transform):
+    lines = open(GIAB / "input.vcf").read().splitlines(True)
+    path = tmp_path / "edited.vcf"
+    path.write_text("".join(transform(lines)))
+    return path
+
+
+def test_malformed_vcf_line(tmp_path, tiny_model):
+    def corrupt(lines):
+        body = [i for i, line in enumerate(lines) if not line.startswith("#")]
+        lines[body[3]] = lines[body[3]].replace(f"\t{RECORDS[3][1]}\t", "\tabc\t")
+        return lines[:body[6]]
+    message = fails_cleanly(tmp_path / "out", giab_vcf(tmp_path, corrupt), "--fasta", GIAB / "reference.fa",
+                            "--model", tiny_model[0])
+    assert "malformed" in message
+
+
+def test_ref_mismatch_is_skipped_listed_or_fatal(tmp_path, tiny_model):
+    def mismatch(lines):
+        body = [i for i, line in enumerate(lines) if not line.startswith("#")]
+        fields = lines[body[1]].split("\t")
+        fields[3] = "A" if fields[3] != "A" else "C"
+        lines[body[1]] = "\t".join(fields)
+        return lines[:body[3]]
+    vcf = giab_vcf(tmp_path, mismatch)
+    result = run_cli(vcf, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0], "-o", tmp_path / "skip",
+                     "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0 and "skipped 1: REF mismatch" in result.output
+    skipped = (tmp_path / "skip" / "skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 2 and skipped[1].startswith(f"chr1\t{RECORDS[1][1]}\t") and "REF mismatch" in skipped[1]
+    with h5py.File(only_h5(tmp_path / "skip"), "r") as f:
+        assert list(f["pos"][:]) == [RECORDS[0][1], RECORDS[2][1]]  # later rows keep their own scores' places
+    message = fails_cleanly(tmp_path / "error", vcf, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0],
+                            "--ref-mismatch", "error")
+    assert "REF mismatch" in message
+
+
+def test_unknown_contig(tmp_path, tiny_model):
+    vcf = giab_vcf(tmp_path, lambda lines: [line.replace("chr1\t", "chrUn_x\t") for line in lines])
+    message = fails_cleanly(tmp_path / "out", vcf, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0])
+    assert "FASTA" in message
+
+
+def test_gz_that_is_not_bgzip_with_region(tmp_path, tiny_model):
+    import gzip
+    plain = tmp_path / "plain.vcf.gz"
+    plain.write_bytes(gzip.compress((GIAB / "input.vcf").read_bytes()))
+    message = fails_cleanly(tmp_path / "out", plain, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0],
+                            "--region", "chr1:600000-700000")
+    assert "bgzip" in message
+
+
+def test_region_without_index(tmp_path, tiny_model):
+    vcf = tmp_path / "input.vcf.gz"
+    shutil.copy(GIAB / "input.vcf.gz", vcf)
+    message = fails_cleanly(tmp_path / "out", vcf, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0],
+                            "--region", "chr1:600000-700000")
+    assert "index" in message
+
+
+def test_empty_vcf(tmp_path, tiny_model):
+    vcf = giab_vcf(tmp_path, lambda lines: [line for line in lines if line.startswith("#")])
+    message = fails_cleanly(tmp_path / "out", vcf, "--fasta", GIAB / "reference.fa", "--model", tiny_model[0])
+    assert "no variant was scored" in message
+
+
+def test_unwritable_output_directory(tmp_path, tiny_model):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output directory should go")
+    message = fails_cleanly(blocker / "out", GIAB / "input.vcf", "--fasta", GIAB / "reference.fa",
+                            "--model", tiny_model[0])
+    assert "cannot write to output directory" in message
+
+
+def test_fasta_without_index_gets_one(tmp_path):
+    fasta, targets = toy_genome(tmp_path)
+    assert not (tmp_path / "toy.fa.fai").exists()
+    vcf = toy_vcf(tmp_path, [("snv", "A", "G")])
+    summary = score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets),
+                                     progress=False), model=BaseCounter())
+    assert summary.scored == 1 and (tmp_path / "toy.fa.fai").is_file()
+
+
+def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [("snv", "A", "G")])
+    options = dict(vcf=str(vcf), fasta=str(fasta), out_dir=str(tmp_path / "out"), targets=str(targets), progress=False)
+    score_vcf(ScoreOptions(**options), model=BaseCounter())
+    with pytest.raises(InputError, match=r"different settings \(options\).*--overwrite"):
+        score_vcf(ScoreOptions(**options, stats=("SAD",)), model=BaseCounter())
+    score_vcf(ScoreOptions(**options, stats=("SAD",), overwrite=True), model=BaseCounter())
+    with h5py.File(tmp_path / "out" / "toy.t.h5", "r") as f:
+        assert "SAR" not in f and "SAD" in f
+
+
+# --- interruption --------------------------------------------------------------------------------
+
+def test_sigkill_then_rerun_gives_identical_files(tmp_path, tiny_model):
+    vcf = giab_vcf(tmp_path, lambda lines: [line for line in lines if line.startswith("#")]
+                   + [line for line in lines if not line.startswith("#")][:40])
+    command = [sys.executable, "-m", "enformer_vep", str(vcf), "--fasta", str(GIAB / "reference.fa"),
+               "--model", str(tiny_model[0]), "--device", "cpu", "--no-progress", "--checkpoint-every", "4"]
+    whole = tmp_path / "whole"
+    subprocess.run(command + ["-o", str(whole)], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command + ["-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((killed / ".partial").glob("*/*.npz"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(killed.glob("*.h5"))
+    staged = len(list((killed / ".partial").glob("*/*.npz")))
+    assert 3 <= staged < 10
+    subprocess.run(command + ["-o", str(killed)], check=True, capture_output=True)
+    for name in ("edited.chr1.h5", "skipped.tsv", "run.json"):
+        assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
+    assert not (killed / ".partial").exists()
