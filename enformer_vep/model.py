@@ -95,8 +95,12 @@ class SoftmaxPool(nn.Module):
         b, c, length = x.shape
         if length % 2:
             raise ValueError(f"softmax pooling needs an even length, got {length}")
-        weights = self.logits(x).view(b, c, length // 2, 2).softmax(dim=-1)
-        return (x.view(b, c, length // 2, 2) * weights).sum(dim=-1)
+        pairs = x.view(b, c, length // 2, 2)
+        first, second = pairs[..., 0], pairs[..., 1]
+        # A softmax over two logits is sigmoid(l0 - l1), and the logits are linear without bias,
+        # so l0 - l1 = W (x0 - x1): half the matrix products of the official form, same result.
+        delta = first - second
+        return second + delta * torch.sigmoid(self.logits(delta))
 
 
 def make_pool(channels: int, pooling_type: str) -> nn.Module:
