@@ -158,3 +158,12 @@ def test_predict_refuses_train_mode_and_keeps_no_graph():
         model.predict(torch.zeros(1, 128 * 16, 4))
     out = model.eval().predict(torch.zeros(1, 128 * 16, 4))["human"]
     assert not out.requires_grad and out.is_inference()
+
+
+def test_predict_tracks_computes_only_the_chosen_columns():
+    torch.manual_seed(1)
+    model = Enformer(tiny_config(heads={"human": 7, "mouse": 2})).eval()
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 128 * 16)), 4).float()
+    full = model.predict(x)
+    torch.testing.assert_close(model.predict_tracks(x, "human", torch.tensor([5, 1])), full["human"][..., [5, 1]])
+    torch.testing.assert_close(model.predict_tracks(x, "mouse"), full["mouse"])

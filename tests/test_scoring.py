@@ -93,3 +93,14 @@ def test_batches_of_any_size_give_the_same_scores():
     many = VariantScorer(BaseCounter(), batch_size=7, shifts=(-1, 0, 1)).score(ref, alt)
     for name in one:
         np.testing.assert_array_equal(one[name], many[name])
+
+
+def test_shifts_average_over_moved_windows():
+    ref, alt = background(), background()
+    ref[VARIANT], alt[VARIANT] = ord("A"), ord("G")
+    out = score(ref, alt, shifts=(0, 1))
+    # shift 0 puts the variant last in bin 447, shift 1 first in bin 448: averaged, each bin holds
+    # half a variant base (ref: A 0.5 + C 127.5; alt: G 0.5 + C 127.5)
+    np.testing.assert_allclose(out["SAD"][0], [-1, 0, 1, 0], atol=1e-5)
+    sar = 2 * (math.log2(1.5) - math.log2(1))
+    np.testing.assert_allclose(out["SAR"][0], [-sar, 0, sar, 0], atol=1e-5)
