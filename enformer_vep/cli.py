@@ -101,9 +101,10 @@ def _stats(text: str) -> tuple[str, ...]:
 def score(**kwargs):
     """Score every ALT allele of VCF (VCF, VCF.gz or BCF) with Enformer: SAD/SAR per track.
 
-    Windows of 393,216 bp are centred on each variant (SPEC section 4); skipped records
-    (symbolic or invalid alleles, REF mismatches, unknown contigs...) are counted and listed
-    in OUT/skipped.tsv, never dropped silently.
+    Windows of 393,216 bp are centred on each variant (its first base at window offset
+    196,607, N beyond the chromosome ends); skipped records (symbolic or invalid alleles,
+    REF mismatches, unknown contigs...) are counted and listed in OUT/skipped.tsv, never
+    dropped silently. Rerunning the same command after an interruption resumes it.
     """
     from .pipeline import ScoreOptions, score_vcf
 
