@@ -23,6 +23,9 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except EnformerVepError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:  # full disk, permissions...: one line, never a traceback
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or error}") from None
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,10 +5,13 @@ A scorer model is anything with ``predict_tracks(x [B, L, 4], head, tracks) -> [
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from .windows import ONE_HOT_TABLE, reverse_complement
 
 FLOAT16_MAX = 65504.0
 
@@ -39,10 +42,10 @@ def statistics(ref: torch.Tensor, alt: torch.Tensor, names: Sequence[str]) -> di
     for name in names:
         if name == "SAD":  # summing the differences avoids cancelling two large float32 sums
             out[name] = diff.sum(1)
-        elif name == "SAR":
-            out[name] = (torch.log2(alt + 1) - torch.log2(ref + 1)).sum(1)
+        elif name == "SAR":  # log2(alt + 1) - log2(ref + 1), without cancelling two close logs
+            out[name] = (torch.log1p(diff / (ref + 1)) / math.log(2)).sum(1)
         elif name == "SADR":
-            out[name] = torch.log2(alt.sum(1) + 1) - torch.log2(ref.sum(1) + 1)
+            out[name] = torch.log1p(diff.sum(1) / (ref.sum(1) + 1)) / math.log(2)
         elif name == "SAX":
             peak = diff.abs().argmax(dim=1, keepdim=True)  # [B, 1, T]
             out[name] = diff.gather(1, peak)[:, 0]
@@ -57,19 +60,6 @@ def to_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Clip to the float16 range (basenji 2020 wrote inf) and count the clipped values."""
     clipped = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
     return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), clipped
-
-
-def _one_hot_table(device) -> torch.Tensor:
-    """``[256, 4]``: ASCII A, C, G, T -> one-hot rows; every other byte (N) -> zeros."""
-    table = torch.zeros(256, 4)
-    for i, base in enumerate(b"ACGT"):
-        table[base, i] = 1.0
-    return table.to(device)
-
-
-_COMPLEMENT = np.arange(256, dtype=np.uint8)
-for _a, _b in (b"AT", b"TA", b"CG", b"GC"):
-    _COMPLEMENT[_a] = _b
 
 
 def shifted(codes: np.ndarray, shift: int) -> np.ndarray:
@@ -99,13 +89,13 @@ class VariantScorer:
         self.rc, self.shifts, self.batch_size = rc, list(shifts), batch_size
         self.device = torch.device(device)
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
-        self._one_hot = _one_hot_table(self.device)
+        self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
     def _predict(self, codes: np.ndarray) -> torch.Tensor:
         """Mean prediction ``[N, bins, T]`` over shifts and strands for windows ``[N, L]`` (uint8 ASCII)."""
         variants = [(shifted(codes, s), False) for s in self.shifts]
         if self.rc:
-            variants += [(_COMPLEMENT[v[:, ::-1]], True) for v, _ in variants]
+            variants += [(reverse_complement(v), True) for v, _ in variants]
         total = None
         for seqs, reverse in variants:
             for start in range(0, len(seqs), self.batch_size):
