@@ -278,11 +278,75 @@ class Enformer(nn.Module):
 
     def convolve(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and conv tower: one-hot ``[B, L, 4] -> [B, L/128, C]``."""
-        x = self.crop_input(x).to(self.stem.conv.weight.dtype).transpose(1, 2)
+        return self._conv_stages(self.crop_input(x))
+
+    def _conv_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and conv tower on any length that is a multiple of 128: ``[B, L, 4] -> [B, L/128, C]``."""
+        x = x.to(self.stem.conv.weight.dtype).transpose(1, 2)
         x = self.stem(x)
         for block in self.conv_tower:
             x = block(x)
         return x.transpose(1, 2)
+
+    def affected_bins(self, first: int, last: int) -> tuple[int, int]:
+        """Conv-tower output positions (128-bp bins) that input positions ``first..last`` can change.
+
+        Each convolution widens the interval by its radius and each pooling halves it; the
+        pointwise blocks and batch norm act per position.
+        """
+        first, last = first - self.stem.conv.kernel_size[0] // 2, last + self.stem.conv.kernel_size[0] // 2
+        first, last = first // 2, last // 2
+        for block in self.conv_tower:
+            radius = block.conv.conv.kernel_size[0] // 2
+            first, last = (first - radius) // 2, (last + radius) // 2
+        return first, last
+
+    @functools.cached_property
+    def _patch_margin(self) -> int:
+        """Bins next to a patch's edges that its zero padding can spoil (patches start on a bin)."""
+        start, end = 100 * BIN_SIZE, 110 * BIN_SIZE
+        left = self.affected_bins(start - 1, start - 1)[1] - 100 + 1
+        right = 110 - self.affected_bins(end, end)[0]
+        return max(left, right, 0)
+
+    def convolve_changed(self, reference: torch.Tensor, x: torch.Tensor,
+                         changed: list[tuple[int, int] | None]) -> torch.Tensor:
+        """Conv-tower output ``[B, T, C]`` of inputs ``x`` (``[B, L, 4]``, L = 128 T) that equal the
+        inputs of ``reference`` (their conv-tower output) except at positions ``changed[i]``
+        (inclusive; None = identical). Only the bins a change can reach are recomputed, from a
+        patch of input wide enough that its edges cannot reach them: exact up to float rounding.
+        """
+        out = reference.clone()
+        spans = {i: self.affected_bins(*c) for i, c in enumerate(changed) if c is not None}
+        if not spans:
+            return out
+        margin, bins = self._patch_margin, reference.shape[1]
+        # patches of one width run together; a row's result never depends on the other rows
+        by_width: dict[int, list[int]] = {}
+        edge = []
+        for i, (first, last) in spans.items():
+            width = last - first + 1 + 2 * margin
+            if first - margin >= 0 and first - margin + width <= bins:
+                by_width.setdefault(width, []).append(i)
+            else:
+                edge.append(i)
+        for width, rows in by_width.items():
+            starts = [spans[i][0] - margin for i in rows]
+            patches = torch.stack([x[i, s * BIN_SIZE:(s + width) * BIN_SIZE] for i, s in zip(rows, starts)])
+            recomputed = self._conv_stages(patches)[:, margin:width - margin]
+            for row, (i, s) in enumerate(zip(rows, starts)):
+                out[i, s + margin:s + width - margin] = recomputed[row]
+        if edge:  # a patch would cross the input's ends, where padding differs: recompute in full
+            out[edge] = self._conv_stages(x[edge])
+        return out
+
+    def head_tracks(self, embedding: torch.Tensor, head: str, tracks: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``head`` on the trunk's embedding, columns ``tracks`` only: ``[B, 896, 2C] -> [B, 896, T]``."""
+        linear = self.heads[head]
+        weight, bias = linear.weight, linear.bias
+        if tracks is not None:
+            weight, bias = weight[tracks], bias[tracks]
+        return F.softplus(F.linear(embedding, weight, bias))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Transformer layers ``[B, T, C] -> [B, T, C]`` (no final LayerNorm)."""
@@ -310,11 +374,7 @@ class Enformer(nn.Module):
         """Head ``head`` for the columns ``tracks`` only (all when None): ``[B, L, 4] -> [B, 896, T]``."""
         if self.training:
             raise RuntimeError("predict_tracks() needs eval mode: call model.eval() first")
-        linear = self.heads[head]
-        weight, bias = linear.weight, linear.bias
-        if tracks is not None:
-            weight, bias = weight[tracks], bias[tracks]
-        return F.softplus(F.linear(self.trunk(x), weight, bias))
+        return self.head_tracks(self.trunk(x), head, tracks)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ import torch
 from .windows import ONE_HOT_TABLE, reverse_complement
 
 FLOAT16_MAX = 65504.0
+# Alternatives differing from their reference over fewer bp reuse its conv tower (SNV, MNP).
+MAX_REUSED_SPAN = 1024
 
 # Formulas over the output bins of one track; written into the output files.
 STATISTICS = {
@@ -79,37 +81,74 @@ class VariantScorer:
 
     Predictions are averaged over ``shifts`` and, with ``rc``, over the reverse complement
     (its bins flipped back) before the statistics are taken; ``batch_size`` is the number of
-    sequences per forward pass.
+    sequences per forward pass. With ``reuse`` (and a model that supports it) an alternative
+    that differs from its reference in a short stretch reuses the reference's conv tower.
     """
 
     def __init__(self, model, *, head: str = "human", tracks: np.ndarray | None = None,
                  stats: Sequence[str] = ("SAD", "SAR"), rc: bool = False, shifts: Sequence[int] = (0,),
-                 device: str | torch.device = "cpu", batch_size: int = 4):
-        self.model, self.head, self.stats = model, head, list(stats)
+                 device: str | torch.device = "cpu", batch_size: int = 4, reuse: bool = True):
+        self.model, self.head, self.stats, self.reuse = model, head, list(stats), reuse
         self.rc, self.shifts, self.batch_size = rc, list(shifts), batch_size
         self.device = torch.device(device)
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
-    def _predict(self, codes: np.ndarray) -> torch.Tensor:
-        """Mean prediction ``[N, bins, T]`` over shifts and strands for windows ``[N, L]`` (uint8 ASCII)."""
-        variants = [(shifted(codes, s), False) for s in self.shifts]
-        if self.rc:
-            variants += [(reverse_complement(v), True) for v, _ in variants]
-        total = None
-        for seqs, reverse in variants:
-            for start in range(0, len(seqs), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(seqs[start:start + self.batch_size])).to(self.device)
-                pred = self.model.predict_tracks(self._one_hot[batch.long()], self.head, self.tracks).float()
+    def _views(self, codes: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+        """The windows as the model sees them: each shift, and its reverse complement with ``rc``."""
+        views = [(shifted(codes, s), False) for s in self.shifts]
+        return views + [(reverse_complement(v), True) for v, _ in views] if self.rc else views
+
+    def _encode(self, codes: np.ndarray) -> torch.Tensor:
+        """uint8 ``[B, L]`` travels to the device and is one-hot encoded there: ``[B, L, 4]``."""
+        return self._one_hot[torch.from_numpy(np.ascontiguousarray(codes)).to(self.device).long()]
+
+    def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``."""
+        views = list(zip(self._views(ref), self._views(alt)))
+        group = max(1, self.batch_size // 2)  # a group's reference and alternative share a pass
+        total_ref = total_alt = None
+        for (ref_view, reverse), (alt_view, _) in views:
+            for start in range(0, len(ref), group):
+                x_ref = self._encode(ref_view[start:start + group])
+                x_alt = self._encode(alt_view[start:start + group])
+                if self.reuse and hasattr(self.model, "convolve_changed"):
+                    p_ref, p_alt = self._reuse_reference_trunk(x_ref, x_alt)
+                else:
+                    both = self.model.predict_tracks(torch.cat([x_ref, x_alt]), self.head, self.tracks).float()
+                    p_ref, p_alt = both[:len(x_ref)], both[len(x_ref):]
                 if reverse:
-                    pred = pred.flip(1)
-                if total is None:
-                    total = torch.zeros((len(codes),) + tuple(pred.shape[1:]), device=self.device)
-                total[start:start + len(batch)] += pred
-        return total / len(variants)
+                    p_ref, p_alt = p_ref.flip(1), p_alt.flip(1)
+                if total_ref is None:
+                    shape = (len(ref),) + tuple(p_ref.shape[1:])
+                    total_ref = torch.zeros(shape, device=self.device)
+                    total_alt = torch.zeros(shape, device=self.device)
+                total_ref[start:start + len(x_ref)] += p_ref
+                total_alt[start:start + len(x_ref)] += p_alt
+        return total_ref / len(views), total_alt / len(views)
+
+    @torch.inference_mode()
+    def _reuse_reference_trunk(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv tower once for the references; for alternatives that differ in a short stretch
+        (SNV, MNP) only the bins it can reach are recomputed. Transformer and heads run on both."""
+        model = self.model
+        x_ref, x_alt = model.crop_input(x_ref), model.crop_input(x_alt)
+        conv_ref = model.convolve(x_ref)
+        differs = (x_ref != x_alt).any(dim=-1)  # [B, L]
+        length = differs.shape[1]
+        first = differs.float().argmax(dim=1).tolist()
+        last = (length - 1 - differs.flip(1).float().argmax(dim=1)).tolist()
+        changed = [None if not any_ else (f, l) for any_, f, l in zip(differs.any(dim=1).tolist(), first, last)]
+        short = [c if c is None or c[1] - c[0] < MAX_REUSED_SPAN else None for c in changed]
+        conv_alt = model.convolve_changed(conv_ref, x_alt, short)
+        long = [i for i, (c, s) in enumerate(zip(changed, short)) if c is not None and s is None]
+        if long:  # indels shift everything after them: their conv tower runs in full
+            conv_alt[long] = model.convolve(x_alt[long])
+        embedding = model.embed(model.attend(torch.cat([conv_ref, conv_alt])))
+        both = model.head_tracks(embedding, self.head, self.tracks).float()
+        return both[:len(x_ref)], both[len(x_ref):]
 
     def score(self, ref: np.ndarray, alt: np.ndarray) -> dict[str, np.ndarray]:
         """Statistics ``{name: [B, T] float32}`` for windows ``ref, alt: [B, L]`` uint8."""
-        preds = self._predict(np.concatenate([ref, alt]))
-        n = len(ref)
-        return {k: v.cpu().numpy() for k, v in statistics(preds[:n], preds[n:], self.stats).items()}
+        pred_ref, pred_alt = self._predict_pairs(ref, alt)
+        return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}

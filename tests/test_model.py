@@ -167,3 +167,45 @@ def test_predict_tracks_computes_only_the_chosen_columns():
     full = model.predict(x)
     torch.testing.assert_close(model.predict_tracks(x, "human", torch.tensor([5, 1])), full["human"][..., [5, 1]])
     torch.testing.assert_close(model.predict_tracks(x, "mouse"), full["mouse"])
+
+
+@pytest.mark.parametrize("changes", [
+    [(98_303, "G")],                       # a SNV where variant windows put it
+    [(0, "T")], [(196_607, "A")],          # at the input's ends (patch would cross them)
+    [(500, "A"), (501, "C"), (502, "G")],  # an MNP near the start
+    [(70_000, "T")],                       # inside a run of N
+    [(120_000, "A"), (120_700, "C")],      # two changes several bins apart
+    [(98_303, "N")],                       # a base turned into N
+])
+def test_convolve_changed_equals_a_full_pass(changes):
+    torch.manual_seed(5)
+    model = Enformer(tiny_config(channels=24, conv_filters=[16, 16, 16, 16, 24, 24], target_length=896)).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+    rng = np.random.default_rng(2)
+    codes = np.frombuffer(b"ACGT", np.uint8)[rng.integers(0, 4, 196_608)].copy()
+    codes[69_000:71_000] = ord("N")
+    for position, base in changes:  # make sure each change really changes the base
+        if codes[position] == ord(base):
+            codes[position] = ord("A" if base != "A" else "C")
+    alt = codes.copy()
+    for position, base in changes:
+        alt[position] = ord(base)
+    table = torch.zeros(256, 4)
+    for i, b in enumerate(b"ACGT"):
+        table[b, i] = 1
+    x_ref, x_alt = table[torch.from_numpy(codes).long()][None], table[torch.from_numpy(alt).long()][None]
+    changed = np.nonzero(codes != alt)[0]
+    with torch.inference_mode():
+        reference = model.convolve(x_ref)
+        full = model.convolve(x_alt)
+        patched = model.convolve_changed(reference, x_alt, [(int(changed[0]), int(changed[-1]))])
+    assert not torch.equal(full, reference)
+    assert relative_error(patched.numpy(), full.numpy()) <= 1e-5
+    # every bin the change can reach was recomputed; the others are the reference's
+    first, last = model.affected_bins(int(changed[0]), int(changed[-1]))
+    untouched = torch.ones(reference.shape[1], dtype=torch.bool)
+    untouched[max(first, 0):last + 1] = False
+    assert torch.equal(full[0, untouched], reference[0, untouched])

@@ -132,10 +132,16 @@ def test_real_variants_equal_the_independent_computation(vcf_run, expected_score
 
 
 def _same_rows(file_a, file_b, rows=None):
+    """The same rows and values; a subset (``rows``) is batched with other neighbours, which may
+    move a float32 rounding and so the last float16 bit."""
     with h5py.File(file_a, "r") as a, h5py.File(file_b, "r") as b:
         for name in ("snp", "chr", "pos", "ref", "alt", "SAD", "SAR", "target_ids", "target_labels"):
             want = a[name][:] if rows is None or name.startswith("target") else a[name][:][rows]
-            np.testing.assert_array_equal(b[name][:], want, err_msg=name)
+            if rows is not None and name in ("SAD", "SAR"):
+                want = want.astype(np.float64)
+                np.testing.assert_allclose(b[name][:], want, rtol=2e-3, atol=1e-3 * np.abs(want).max(), err_msg=name)
+            else:
+                np.testing.assert_array_equal(b[name][:], want, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["input.vcf.gz", "input.bcf"])

@@ -104,3 +104,32 @@ def test_shifts_average_over_moved_windows():
     np.testing.assert_allclose(out["SAD"][0], [-1, 0, 1, 0], atol=1e-5)
     sar = 2 * (math.log2(1.5) - math.log2(1))
     np.testing.assert_allclose(out["SAR"][0], [-sar, 0, sar, 0], atol=1e-5)
+
+
+def test_reference_trunk_reuse_equals_two_full_passes():
+    """SNVs (reused conv tower) and indels (full passes) near N runs, with shifts and both strands."""
+    from enformer_vep.model import Enformer, EnformerConfig
+
+    torch.manual_seed(3)
+    model = Enformer(EnformerConfig(channels=24, num_heads=2, num_transformer_layers=1,
+                                    conv_filters=[16, 16, 16, 16, 24, 24], heads={"human": 6})).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("weight") and tensor.ndim > 1:
+                tensor.mul_(2.0)
+    rng = np.random.default_rng(4)
+    ref = np.frombuffer(b"ACGT", np.uint8)[rng.integers(0, 4, (5, WINDOW))].copy()
+    ref[1, VARIANT - 2000:VARIANT - 10] = ord("N")
+    alt = ref.copy()
+    alt[0, VARIANT] = ord("A") if ref[0, VARIANT] != ord("A") else ord("C")  # SNV
+    alt[1, VARIANT:VARIANT + 3] = np.frombuffer(b"NGT", np.uint8)             # MNP beside an N run
+    alt[2, VARIANT + 1:] = ref[2, VARIANT:-1]                                 # insertion: the rest shifts
+    alt[3, VARIANT:] = np.r_[ref[3, VARIANT + 2:], [ord("N")] * 2]             # deletion
+    # row 4: identical windows
+    options = dict(stats=["SAD", "SAR", "SAX", "D2"], shifts=(0, 1), rc=True, batch_size=4)
+    reused = VariantScorer(model, reuse=True, **options).score(ref, alt)
+    full = VariantScorer(model, reuse=False, **options).score(ref, alt)
+    assert np.abs(full["SAD"][:4]).min() > 0 and not full["SAD"][4].any()
+    for name in options["stats"]:
+        scale = np.abs(full[name]).max()
+        np.testing.assert_allclose(reused[name], full[name], rtol=0, atol=1e-5 * scale, err_msg=name)

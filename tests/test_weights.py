@@ -169,8 +169,8 @@ def their_model():
                                                        output_heads={"human": 11, "mouse": 5})
         with torch.no_grad():  # random everything, including batch-norm statistics and zero-initialised layers
             for name, tensor in model.state_dict().items():
-                if tensor.is_floating_point():
-                    scale = 1.0 / np.sqrt(tensor.shape[-1]) if tensor.ndim > 1 else 0.1
+                if tensor.is_floating_point():  # N(0, 1/fan_in) keeps activations of order 1
+                    scale = 1.0 / np.sqrt(np.prod(tensor.shape[1:])) if tensor.ndim > 1 else 0.1
                     tensor.copy_(torch.randn_like(tensor) * scale)
                     if name.endswith("running_var"):
                         tensor.abs_().add_(0.5)
