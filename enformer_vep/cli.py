@@ -46,6 +46,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {text!r}")
+    return int(text)
+
+
 def _stats(text: str) -> tuple[str, ...]:
     from .scoring import parse_statistics
     try:
@@ -76,8 +84,13 @@ def _stats(text: str) -> tuple[str, ...]:
               help="When REF differs from the FASTA: skip the allele (listed in skipped.tsv), stop with an "
                    "error, or score it anyway (the windows use the FASTA's bases).")
 @click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Sequences per forward pass (each variant needs 2 x shifts x (2 with --rc) sequences).")
+@click.option("--batch-size", default="auto", show_default=True, callback=lambda c, p, v: _batch_size(v),
+              help="Sequences per forward pass (each variant needs 2 x shifts x (2 with --rc) sequences). "
+                   "auto: on CUDA start at 64 and halve after an out-of-memory error until a batch fits; "
+                   "4 on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
+              help="Trunk arithmetic: fp32, tf32 (TF32 matmuls, CUDA) or bf16 (autocast). The output heads "
+                   "and statistics are always float32. Default: fp32 on CPU, tf32 on CUDA.")
 @click.option("--stats", default="SAD,SAR", show_default=True, callback=lambda c, p, v: _stats(v),
               help="Comma-separated statistics: SAD, SAR, SADR, SAX, D1, D2 (formulas in README).")
 @click.option("--rc", is_flag=True, help="Average forward and reverse-complement predictions (bins flipped back).")

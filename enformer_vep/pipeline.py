@@ -42,7 +42,8 @@ class ScoreOptions:
     pass_only: bool = False
     ref_mismatch: str = "skip"
     device: str | None = None
-    batch_size: int = 4
+    batch_size: int | None = None  # None: auto
+    precision: str | None = None  # None: fp32 on CPU, tf32 on CUDA
     stats: tuple[str, ...] = ("SAD", "SAR")
     rc: bool = False
     shifts: tuple[int, ...] = (0,)
@@ -136,12 +137,13 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
                          f"table has {len(targets)}: pass the matching table with --targets")
     tracks = select_tracks(options.tracks, targets)
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
-                           shifts=options.shifts, device=device, batch_size=options.batch_size)
+                           shifts=options.shifts, device=device, batch_size=options.batch_size,
+                           precision=options.precision)
     prefix = options.prefix or _default_prefix(options.vcf)
     vcf_stat = os.stat(options.vcf) if os.path.exists(options.vcf) else None
     if vcf_stat is None:
         raise InputError(f"{options.vcf}: no such VCF/BCF file")
-    settings = options.output_settings() | {"prefix": prefix}
+    settings = options.output_settings() | {"prefix": prefix, "precision": scorer.precision}
     fingerprint = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
                    "vcf": os.path.abspath(options.vcf), "vcf_size": vcf_stat.st_size,
                    "vcf_mtime_ns": vcf_stat.st_mtime_ns, "fasta": os.path.abspath(options.fasta),

@@ -5,6 +5,8 @@ A scorer model is anything with ``predict_tracks(x [B, L, 4], head, tracks) -> [
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Sequence
 
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 
 from .windows import ONE_HOT_TABLE, reverse_complement
+
+log = logging.getLogger("enformer_vep")
 
 FLOAT16_MAX = 65504.0
 # Alternatives differing from their reference over fewer bp reuse its conv tower (SNV, MNP).
@@ -76,21 +80,49 @@ def shifted(codes: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def default_precision(device: torch.device) -> str:
+    """float32 on CPU; TF32 matmuls on CUDA (float32 storage and accumulation)."""
+    return "tf32" if device.type == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """Autocast for bf16; the TF32 switches for tf32 (restored afterwards)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class VariantScorer:
     """Scores batches of (reference, alternative) windows.
 
     Predictions are averaged over ``shifts`` and, with ``rc``, over the reverse complement
-    (its bins flipped back) before the statistics are taken; ``batch_size`` is the number of
-    sequences per forward pass. With ``reuse`` (and a model that supports it) an alternative
-    that differs from its reference in a short stretch reuses the reference's conv tower.
+    (its bins flipped back) before the statistics are taken. ``batch_size`` is the number of
+    sequences per forward pass; ``None`` (auto) starts at 64 on CUDA and halves after each
+    out-of-memory error until a batch fits (4 on CPU). With ``reuse`` (and a model that
+    supports it) an alternative that differs from its reference in a short stretch reuses the
+    reference's conv tower. ``precision`` (fp32, tf32, bf16) applies to the trunk; the output
+    heads and the statistics are always float32.
     """
 
     def __init__(self, model, *, head: str = "human", tracks: np.ndarray | None = None,
                  stats: Sequence[str] = ("SAD", "SAR"), rc: bool = False, shifts: Sequence[int] = (0,),
-                 device: str | torch.device = "cpu", batch_size: int = 4, reuse: bool = True):
+                 device: str | torch.device = "cpu", batch_size: int | None = 4, reuse: bool = True,
+                 precision: str | None = None):
         self.model, self.head, self.stats, self.reuse = model, head, list(stats), reuse
-        self.rc, self.shifts, self.batch_size = rc, list(shifts), batch_size
+        self.rc, self.shifts = rc, list(shifts)
         self.device = torch.device(device)
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
+        self.precision = precision or default_precision(self.device)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
@@ -100,8 +132,12 @@ class VariantScorer:
         return views + [(reverse_complement(v), True) for v, _ in views] if self.rc else views
 
     def _encode(self, codes: np.ndarray) -> torch.Tensor:
-        """uint8 ``[B, L]`` travels to the device and is one-hot encoded there: ``[B, L, 4]``."""
-        return self._one_hot[torch.from_numpy(np.ascontiguousarray(codes)).to(self.device).long()]
+        """uint8 ``[B, L]`` travels to the device (pinned, asynchronously on CUDA) and is one-hot
+        encoded there: ``[B, L, 4]``."""
+        host = torch.from_numpy(np.ascontiguousarray(codes))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return self._one_hot[host.to(self.device, non_blocking=True).long()]
 
     def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``."""
@@ -110,27 +146,37 @@ class VariantScorer:
         total_ref = total_alt = None
         for (ref_view, reverse), (alt_view, _) in views:
             for start in range(0, len(ref), group):
-                x_ref = self._encode(ref_view[start:start + group])
-                x_alt = self._encode(alt_view[start:start + group])
-                if self.reuse and hasattr(self.model, "convolve_changed"):
-                    p_ref, p_alt = self._reuse_reference_trunk(x_ref, x_alt)
-                else:
-                    both = self.model.predict_tracks(torch.cat([x_ref, x_alt]), self.head, self.tracks).float()
-                    p_ref, p_alt = both[:len(x_ref)], both[len(x_ref):]
+                p_ref, p_alt = self._predict_group(self._encode(ref_view[start:start + group]),
+                                                   self._encode(alt_view[start:start + group]))
                 if reverse:
                     p_ref, p_alt = p_ref.flip(1), p_alt.flip(1)
                 if total_ref is None:
                     shape = (len(ref),) + tuple(p_ref.shape[1:])
                     total_ref = torch.zeros(shape, device=self.device)
                     total_alt = torch.zeros(shape, device=self.device)
-                total_ref[start:start + len(x_ref)] += p_ref
-                total_alt[start:start + len(x_ref)] += p_alt
+                total_ref[start:start + len(p_ref)] += p_ref
+                total_alt[start:start + len(p_ref)] += p_alt
         return total_ref / len(views), total_alt / len(views)
 
     @torch.inference_mode()
-    def _reuse_reference_trunk(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conv tower once for the references; for alternatives that differ in a short stretch
-        (SNV, MNP) only the bins it can reach are recomputed. Transformer and heads run on both."""
+    def _predict_group(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 predictions ``[B, bins, T]`` for one-hot windows ``x_ref, x_alt: [B, L, 4]``."""
+        model, n = self.model, len(x_ref)
+        if not hasattr(model, "trunk"):  # a plain scorer model (tests' toy models)
+            both = model.predict_tracks(torch.cat([x_ref, x_alt]), self.head, self.tracks).float()
+        else:
+            with precision_mode(self.precision, self.device):
+                if self.reuse and hasattr(model, "convolve_changed"):
+                    embedding = self._reuse_reference_trunk(x_ref, x_alt)
+                else:
+                    embedding = model.trunk(torch.cat([x_ref, x_alt]))
+            both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
+        return both[:n], both[n:]
+
+    def _reuse_reference_trunk(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> torch.Tensor:
+        """Trunk embeddings ``[2B, 896, 2C]`` (references, then alternatives). The conv tower runs
+        once for the references; alternatives differing in a short stretch (SNV, MNP) recompute
+        only the bins it can reach. The transformer and the heads run on both."""
         model = self.model
         x_ref, x_alt = model.crop_input(x_ref), model.crop_input(x_alt)
         conv_ref = model.convolve(x_ref)
@@ -144,11 +190,21 @@ class VariantScorer:
         long = [i for i, (c, s) in enumerate(zip(changed, short)) if c is not None and s is None]
         if long:  # indels shift everything after them: their conv tower runs in full
             conv_alt[long] = model.convolve(x_alt[long])
-        embedding = model.embed(model.attend(torch.cat([conv_ref, conv_alt])))
-        both = model.head_tracks(embedding, self.head, self.tracks).float()
-        return both[:len(x_ref)], both[len(x_ref):]
+        return model.embed(model.attend(torch.cat([conv_ref, conv_alt])))
 
     def score(self, ref: np.ndarray, alt: np.ndarray) -> dict[str, np.ndarray]:
-        """Statistics ``{name: [B, T] float32}`` for windows ``ref, alt: [B, L]`` uint8."""
-        pred_ref, pred_alt = self._predict_pairs(ref, alt)
+        """Statistics ``{name: [B, T] float32}`` for windows ``ref, alt: [B, L]`` uint8.
+
+        A CUDA out-of-memory error halves the batch size and retries instead of failing.
+        """
+        while True:
+            try:
+                pred_ref, pred_alt = self._predict_pairs(ref, alt)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                torch.cuda.empty_cache()
+                log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
         return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}
