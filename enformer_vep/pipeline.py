@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import InputError
-from .genome import Genome
+from .genome import Genome, GenomeBlocks
 from .output import RunDirectory, write_skip
 from .scoring import STATISTICS, VariantScorer, to_float16
 from .targets import packaged_targets, read_targets, select_tracks
@@ -159,10 +160,13 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     chunk_index: dict[str, int] = collections.Counter()
     scored = mismatched = 0
 
+    window_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windows")
+    blocks = GenomeBlocks(Genome(options.fasta))  # the window thread's own reader
+
     def flush(chrom: str) -> None:
         rows = pending.pop(chrom, [])
         if rows and not run.chunk_done(chrom, chunk_index[chrom]):
-            _score_chunk(run, scorer, genome, chrom, chunk_index[chrom], rows)
+            _score_chunk(run, scorer, window_thread, blocks, chrom, chunk_index[chrom], rows)
         chunk_index[chrom] += 1
 
     total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
@@ -198,6 +202,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
                 flush(chrom)
         finally:
             progress.close()
+            window_thread.shutdown()
     if scored == 0:
         run.finish([], targets, options.stats, attrs)
         detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the VCF holds no records"
@@ -208,15 +213,25 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
                    time.monotonic() - started, files)
 
 
-def _score_chunk(run: RunDirectory, scorer: VariantScorer, genome: Genome, chrom: str, index: int,
-                 rows: list[Allele]) -> None:
-    """Score ``rows`` in groups of ``batch_size`` variants and stage them as chunk ``index``."""
+def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
+                 chrom: str, index: int, rows: list[Allele]) -> None:
+    """Score ``rows`` in groups of ``batch_size`` variants and stage them as chunk ``index``.
+
+    The next group's windows are built on ``window_thread`` while the device scores this one.
+    """
+    def windows(group: list[Allele]) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [allele_windows(blocks, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    size = scorer.batch_size
+    groups = [rows[start:start + size] for start in range(0, len(rows), size)]
     parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for start in range(0, len(rows), scorer.batch_size):
-        group = rows[start:start + scorer.batch_size]
-        windows = [allele_windows(genome, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
-        stats = scorer.score(np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows]))
-        for name, values in stats.items():
+    pending = window_thread.submit(windows, groups[0])
+    for k in range(len(groups)):
+        ref, alt = pending.result()
+        if k + 1 < len(groups):
+            pending = window_thread.submit(windows, groups[k + 1])
+        for name, values in scorer.score(ref, alt).items():
             parts[name].append(values)
     stats16, clipped = {}, {}
     for name, values in parts.items():

@@ -359,3 +359,17 @@ def test_corrupt_bgzf_block(tmp_path):
     assert fetch_str(g, "a", 0, 8) == "ACGTACGT"  # the first block is intact
     with pytest.raises(InputError, match=rf"t\.fa\.gz is corrupt: BGZF block at byte {second}"):
         g.fetch("a", 0, 100)
+
+
+def test_genome_blocks_serve_the_same_bases_from_one_read():
+    from enformer_vep.genome import GenomeBlocks
+
+    genome = Genome(DATA / "grch38_chr1_giab_hg002" / "reference.fa")
+    blocks = GenomeBlocks(genome, block=500_000)
+    reads = []
+    original = genome.fetch
+    genome.fetch = lambda *a: reads.append(a) or original(*a)
+    for start, end in [(600_000, 600_100), (650_000, 1_043_216), (-5, 10), (860_000, 1_300_000), (1000, 1010)]:
+        np.testing.assert_array_equal(blocks.fetch("1", start, end), original("1", start, end))
+    assert len(reads) == 4  # the second request lies inside the first block
+    assert not blocks.fetch("1", 0, 10).flags.writeable
