@@ -21,7 +21,7 @@ from .errors import InputError
 from .genome import Genome, GenomeBlocks
 from .output import RunDirectory, write_skip
 from .scoring import STATISTICS, VariantScorer, to_float16
-from .targets import packaged_targets, read_targets, select_tracks
+from .targets import Targets, packaged_targets, read_targets, select_tracks
 from .variants import Allele, Skip, read_variants
 from .weights import default_model_source, load_model, source_digest
 from .windows import allele_windows, ref_matches
@@ -122,6 +122,9 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     """Score every ALT allele of ``options.vcf``; ``model`` overrides ``options.model`` (tests)."""
     started = time.monotonic()
     genome = Genome(options.fasta)
+    # opened first: a bad VCF, index or region fails before the model loads
+    variants = read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms,
+                             pass_only=options.pass_only)
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         source = options.model or default_model_source()
@@ -129,37 +132,67 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     else:
         source, model_sha256 = "<in-memory model>", _model_digest(model)
         model = model.to(device)
-    heads = model.config.heads
+    targets = _targets(options, model.config.heads)
+    tracks = select_tracks(options.tracks, targets)
+    scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
+                           shifts=options.shifts, device=device, batch_size=options.batch_size,
+                           precision=options.precision)
+    settings = options.output_settings() | {"prefix": options.prefix or _default_prefix(options.vcf),
+                                            "precision": scorer.precision}
+    provenance = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
+                  "vcf": os.path.abspath(options.vcf), "fasta": os.path.abspath(options.fasta),
+                  "fasta_index_sha256": genome.index_checksum()}
+    vcf_stat = os.stat(options.vcf)
+    run = RunDirectory(options.out_dir, settings["prefix"], provenance | {
+        "vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns, "options": settings},
+        overwrite=options.overwrite)
+    attrs = provenance | {"model_source": str(source), "options": json.dumps(settings, sort_keys=True),
+                          "statistics": json.dumps({k: STATISTICS[k] for k in options.stats})}
+
+    total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
+    scored, mismatched, skipped, chroms = _stream(options, variants, genome, scorer, run, total)
+    if scored == 0:
+        run.finish([], targets, options.stats, attrs)
+        detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the VCF holds no records"
+        raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
+    files = run.finish(chroms, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles)
+    return Summary(scored, skipped, mismatched, run.clipped_counts(chroms, options.stats),
+                   time.monotonic() - started, files)
+
+
+def _targets(options: ScoreOptions, heads: dict[str, int]) -> Targets:
+    """The track table of the scored head, checked against the head's size."""
     if options.organism not in heads:
         raise InputError(f"the model has no {options.organism!r} head (it has {', '.join(heads)})")
     targets = read_targets(options.targets) if options.targets else packaged_targets(options.organism)
     if len(targets) != heads[options.organism]:
         raise InputError(f"the model's {options.organism} head has {heads[options.organism]} tracks but the track "
                          f"table has {len(targets)}: pass the matching table with --targets")
-    tracks = select_tracks(options.tracks, targets)
-    scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
-                           shifts=options.shifts, device=device, batch_size=options.batch_size,
-                           precision=options.precision)
-    prefix = options.prefix or _default_prefix(options.vcf)
-    vcf_stat = os.stat(options.vcf) if os.path.exists(options.vcf) else None
-    if vcf_stat is None:
-        raise InputError(f"{options.vcf}: no such VCF/BCF file")
-    settings = options.output_settings() | {"prefix": prefix, "precision": scorer.precision}
-    fingerprint = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
-                   "vcf": os.path.abspath(options.vcf), "vcf_size": vcf_stat.st_size,
-                   "vcf_mtime_ns": vcf_stat.st_mtime_ns, "fasta": os.path.abspath(options.fasta),
-                   "fasta_index_sha256": genome.index_checksum(), "options": settings}
-    run = RunDirectory(options.out_dir, prefix, fingerprint, overwrite=options.overwrite)
-    attrs = {"enformer_vep_version": __version__, "model_sha256": model_sha256, "model_source": str(source),
-             "fasta": os.path.abspath(options.fasta), "fasta_index_sha256": genome.index_checksum(),
-             "vcf": os.path.abspath(options.vcf), "options": json.dumps(settings, sort_keys=True),
-             "statistics": json.dumps({k: STATISTICS[k] for k in options.stats})}
+    return targets
 
+
+def _checked(item: Allele | Skip, genome: Genome, policy: str) -> tuple[Allele | Skip, bool]:
+    """Apply ``--ref-mismatch`` to an allele: (the allele or its Skip, whether REF mismatched)."""
+    if isinstance(item, Skip):
+        return item, False
+    ok, fasta_ref = ref_matches(genome, item.fasta_chrom, item.pos, item.ref)
+    if ok or policy == "score":
+        return item, not ok
+    if policy == "error":
+        raise InputError(f"REF mismatch at {item.chrom}:{item.pos}: VCF has {item.ref}, FASTA has {fasta_ref} "
+                         f"(--ref-mismatch skip|score to go on)")
+    return Skip(item.chrom, item.pos, item.id, item.ref, item.alt, f"REF mismatch (FASTA has {fasta_ref})",
+                item.record), True
+
+
+def _stream(options: ScoreOptions, variants, genome: Genome, scorer: VariantScorer, run: RunDirectory,
+            total: int | None) -> tuple[int, int, collections.Counter, list[str]]:
+    """Score the stream checkpoint by checkpoint; returns (scored, scored despite a REF mismatch,
+    skipped per reason, chromosomes in order of first appearance)."""
     skipped: collections.Counter = collections.Counter()
     pending: dict[str, list[Allele]] = {}
     chunk_index: dict[str, int] = collections.Counter()
     scored = mismatched = 0
-
     window_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windows")
     blocks = GenomeBlocks(Genome(options.fasta))  # the window thread's own reader
 
@@ -169,32 +202,21 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
             _score_chunk(run, scorer, window_thread, blocks, chrom, chunk_index[chrom], rows)
         chunk_index[chrom] += 1
 
-    total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
     progress = _Progress(options.progress, total)
     last_record = -1
     with run.open_skipped() as skip_file:
         try:
-            for item in read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms,
-                                      pass_only=options.pass_only):
+            for item in variants:
                 if item.record != last_record:
                     progress.update(item.record - last_record)
                     last_record = item.record
-                if isinstance(item, Allele):
-                    ok, fasta_ref = ref_matches(genome, item.fasta_chrom, item.pos, item.ref)
-                    if not ok:
-                        if options.ref_mismatch == "error":
-                            raise InputError(f"REF mismatch at {item.chrom}:{item.pos}: VCF has {item.ref}, "
-                                             f"FASTA has {fasta_ref} (--ref-mismatch skip|score to go on)")
-                        if options.ref_mismatch == "skip":
-                            item = Skip(item.chrom, item.pos, item.id, item.ref, item.alt,
-                                        f"REF mismatch (FASTA has {fasta_ref})", item.record)
-                        else:
-                            mismatched += 1
+                item, mismatch = _checked(item, genome, options.ref_mismatch)
                 if isinstance(item, Skip):
                     skipped[item.reason.split(" (")[0]] += 1
                     write_skip(skip_file, item)
                     continue
                 scored += 1
+                mismatched += mismatch
                 pending.setdefault(item.chrom, []).append(item)
                 if len(pending[item.chrom]) == options.checkpoint_every:
                     flush(item.chrom)
@@ -203,14 +225,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         finally:
             progress.close()
             window_thread.shutdown()
-    if scored == 0:
-        run.finish([], targets, options.stats, attrs)
-        detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the VCF holds no records"
-        raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
-    chroms = list(chunk_index)
-    files = run.finish(chroms, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles)
-    return Summary(scored, skipped, mismatched, run.clipped_counts(chroms, options.stats),
-                   time.monotonic() - started, files)
+    return scored, mismatched, skipped, list(chunk_index)
 
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
