@@ -95,7 +95,8 @@ def _stats(text: str) -> tuple[str, ...]:
               help="Comma-separated statistics: SAD, SAR, SADR, SAX, D1, D2 (formulas in README).")
 @click.option("--rc", is_flag=True, help="Average forward and reverse-complement predictions (bins flipped back).")
 @click.option("--shifts", default="0", show_default=True, callback=lambda c, p, v: _ints(v),
-              help="Comma-separated shifts in bp (e.g. -1,0,1); predictions are averaged over them.")
+              help="Comma-separated shifts in bp (e.g. -1,0,1): the window is moved by each before its "
+                   "centre is taken, and the predictions are averaged.")
 @click.option("--tracks", metavar="SPEC",
               help="Tracks to score: indices and inclusive ranges (0-9,15) or a regular expression "
                    "searched in the track descriptions (e.g. '^CAGE:'). Default: all. The head computes "

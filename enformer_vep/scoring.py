@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .model import HUB_SEQUENCE_LENGTH, SEQUENCE_LENGTH
 from .windows import ONE_HOT_TABLE, reverse_complement
 
 log = logging.getLogger("enformer_vep")
@@ -127,9 +128,14 @@ class VariantScorer:
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
     def _views(self, codes: np.ndarray) -> list[tuple[np.ndarray, bool]]:
-        """The windows as the model sees them: each shift, and its reverse complement with ``rc``."""
+        """The windows as the model sees them: each shift, and its reverse complement with ``rc``,
+        cropped to the central 196,608 bp the model uses (half the transfer and encoding)."""
         views = [(shifted(codes, s), False) for s in self.shifts]
-        return views + [(reverse_complement(v), True) for v, _ in views] if self.rc else views
+        views += [(reverse_complement(v), True) for v, _ in views] if self.rc else []
+        if codes.shape[1] == HUB_SEQUENCE_LENGTH:
+            start = (HUB_SEQUENCE_LENGTH - SEQUENCE_LENGTH) // 2
+            views = [(v[:, start:start + SEQUENCE_LENGTH], reverse) for v, reverse in views]
+        return views
 
     def _encode(self, codes: np.ndarray) -> torch.Tensor:
         """uint8 ``[B, L]`` travels to the device (pinned, asynchronously on CUDA) and is one-hot
