@@ -419,7 +419,6 @@ sys.exit(0 if told else 3)
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
 def test_first_row_arrives_before_the_file_is_written(tmp_path):
     # A separate process, not a thread: cyvcf2 holds the GIL while it blocks on the pipe.
     path, n = tmp_path / "pipe.vcf", 200_000
