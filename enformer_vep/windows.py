@@ -28,12 +28,6 @@ def window_start(pos: int) -> int:
     return pos - HALF
 
 
-def reference_window(genome: Genome, chrom: str, pos: int) -> np.ndarray:
-    """The reference window ``uint8 [WINDOW]`` for 1-based ``pos``."""
-    start = window_start(pos)
-    return genome.fetch(chrom, start, start + WINDOW)
-
-
 def allele_windows(genome: Genome, chrom: str, pos: int, ref: str, alt: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ref_window, alt_window)``, ``uint8 [WINDOW]`` each, for the record ``pos, ref, alt``.
 
