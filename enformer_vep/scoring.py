@@ -143,7 +143,7 @@ class VariantScorer:
         host = torch.from_numpy(np.ascontiguousarray(codes))
         if self.device.type == "cuda":
             host = host.pin_memory()
-        return self._one_hot[host.to(self.device, non_blocking=True).long()]
+        return torch.nn.functional.embedding(host.to(self.device, non_blocking=True).int(), self._one_hot)
 
     def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``."""
@@ -152,8 +152,9 @@ class VariantScorer:
         total_ref = total_alt = None
         for (ref_view, reverse), (alt_view, _) in views:
             for start in range(0, len(ref), group):
-                p_ref, p_alt = self._predict_group(self._encode(ref_view[start:start + group]),
-                                                   self._encode(alt_view[start:start + group]))
+                stop = start + group  # reference and alternative encoded together: no copy to join them
+                p_ref, p_alt = self._predict_group(self._encode(np.concatenate([ref_view[start:stop],
+                                                                                alt_view[start:stop]])))
                 if reverse:
                     p_ref, p_alt = p_ref.flip(1), p_alt.flip(1)
                 if total_ref is None:
@@ -165,17 +166,18 @@ class VariantScorer:
         return total_ref / len(views), total_alt / len(views)
 
     @torch.inference_mode()
-    def _predict_group(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 predictions ``[B, bins, T]`` for one-hot windows ``x_ref, x_alt: [B, L, 4]``."""
-        model, n = self.model, len(x_ref)
+    def _predict_group(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 predictions ``[B, bins, T]`` of references and alternatives for one-hot windows
+        ``x: [2B, L, 4]`` (B references, then their B alternatives)."""
+        model, n = self.model, len(x) // 2
         if not hasattr(model, "trunk"):  # a plain scorer model (tests' toy models)
-            both = model.predict_tracks(torch.cat([x_ref, x_alt]), self.head, self.tracks).float()
+            both = model.predict_tracks(x, self.head, self.tracks).float()
         else:
             with precision_mode(self.precision, self.device):
                 if self.reuse and hasattr(model, "convolve_changed"):
-                    embedding = self._reuse_reference_trunk(x_ref, x_alt)
+                    embedding = self._reuse_reference_trunk(x[:n], x[n:])
                 else:
-                    embedding = model.trunk(torch.cat([x_ref, x_alt]))
+                    embedding = model.trunk(x)
             both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
         return both[:n], both[n:]
 
