@@ -35,6 +35,8 @@ def cli():
 
     \b
     enformer-score in.vcf.gz --fasta hg38.fa -o scores/     (same as: enformer-score score ...)
+    enformer-score in.vcf.gz --fasta hg38.fa -o part3/ --shard 3/10   (one task of ten)
+    enformer-score merge part*/ -o scores/
     enformer-score convert SOURCE model.safetensors
     """
 
@@ -52,6 +54,26 @@ def _batch_size(text: str) -> int | None:
     if not text.isdigit() or int(text) < 1:
         raise click.BadParameter(f"expected 'auto' or a positive integer, got {text!r}")
     return int(text)
+
+
+def _devices(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices or ("all" in devices and len(devices) > 1):
+        raise click.BadParameter(f"expected a comma-separated list of devices or 'all', got {text!r}")
+    return devices
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    from .shards import parse_shard
+    from .errors import InputError
+    if text is None:
+        return None
+    try:
+        return parse_shard(text)
+    except InputError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _stats(text: str) -> tuple[str, ...]:
@@ -84,6 +106,15 @@ def _stats(text: str) -> tuple[str, ...]:
               help="When REF differs from the FASTA: skip the allele (listed in skipped.tsv), stop with an "
                    "error, or score it anyway (the windows use the FASTA's bases).")
 @click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@click.option("--devices", callback=lambda c, p, v: _devices(v), metavar="LIST|all",
+              help="Several devices on this node, comma-separated (cuda:0,cuda:1) or 'all' (every CUDA "
+                   "device): one worker process per device, each scoring every n-th block of records; the "
+                   "output is identical to one device's. Replaces --device.")
+@click.option("--shard", callback=lambda c, p, v: _shard(v), metavar="K/N",
+              help="Score only shard K of N (1 <= K <= N): the blocks of --checkpoint-every records whose "
+                   "first record lies in the K-th of N equal parts of the VCF (by an indexed VCF's record "
+                   "counts, or one counting pass). N tasks writing N output directories cover every record "
+                   "exactly once; `enformer-score merge` combines them into the files one run would write.")
 @click.option("--batch-size", default="auto", show_default=True, callback=lambda c, p, v: _batch_size(v),
               help="Sequences per forward pass (each variant needs 2 x shifts x (2 with --rc) sequences). "
                    "auto: on CUDA start at 64 and halve after an out-of-memory error until a batch fits; "
@@ -112,7 +143,10 @@ def _stats(text: str) -> tuple[str, ...]:
               help="Delete this output directory's previous results and start afresh. Without it, rerunning "
                    "the same command resumes an interrupted run, and different settings are refused.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Rows staged per checkpoint: an interrupted run redoes at most this many per chromosome.")
+              help="Records per block: each block of a contig's records is staged as one checkpoint (an "
+                   "interrupted run redoes at most one block per contig and device) and is the unit that "
+                   "--shard and --devices distribute. Shards and their single-run equivalent must use the "
+                   "same value.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar. Default: a bar on a terminal, a log line every 30 s otherwise.")
 def score(**kwargs):
@@ -125,9 +159,31 @@ def score(**kwargs):
     """
     from .pipeline import ScoreOptions, score_vcf
 
+    if kwargs["device"] and kwargs["devices"]:
+        raise click.UsageError("give --device or --devices, not both")
     summary = score_vcf(ScoreOptions(**kwargs))
     for line in summary.lines():
         click.echo(line, err=True)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory for the merged PREFIX.CHROM.h5 files, skipped.tsv, run.json, done.json.")
+@click.option("--overwrite", is_flag=True, help="Replace a different earlier result in OUT_DIR.")
+def merge(shard_dirs, out_dir, overwrite):
+    """Merge the output directories of `--shard K/N` runs into the files one run would write.
+
+    Every shard 1..N of the same run (same VCF, FASTA, model and options) must be given, each
+    once and finished (its done.json verified by checksum); anything else is refused with the
+    reason. Rows are concatenated per chromosome in VCF order, skipped.tsv in record order, and
+    percentiles (with --percentiles) recomputed from all rows. Rerun it after an interruption.
+    """
+    from .merge import merge_runs
+
+    done = merge_runs(shard_dirs, out_dir, overwrite=overwrite)
+    click.echo(f"merged {len(shard_dirs)} shards: {done['summary']['scored']} rows into "
+               f"{len([f for f in done['files'] if f.endswith('.h5')])} files in {out_dir}", err=True)
 
 
 @cli.command()

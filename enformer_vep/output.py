@@ -1,21 +1,29 @@
 """Per-chromosome HDF5 files in the Basenji layout (SPEC §5), written so that no torn file is ever trusted.
 
-Scored rows are staged in ``OUT/.partial/`` as numbered chunk files, each written to a
-temporary name and renamed when complete; a rerun of the same command reuses the chunks
-that exist and scores the rest. When every row is staged, each chromosome's HDF5 file is
-assembled from its chunks under a temporary name and renamed into place, so the final
-files are identical whether or not the run was interrupted. ``OUT/run.json`` records what
-the run was made with; a rerun with different options is refused.
+A run reads the VCF in *blocks*: up to ``checkpoint_every`` consecutive records of one
+contig, numbered per contig from 0. Each block's scored rows and skipped rows are staged
+in ``OUT/.partial/`` as one chunk file, written to a temporary name, fsync'ed and renamed,
+so a staged chunk is always whole; a rerun of the same command keeps the chunks that exist
+and scores the rest. When every block is staged, each chromosome's HDF5 file and
+``skipped.tsv`` are rebuilt from the chunks (temporary name, then rename) and
+``OUT/done.json`` — the completion record, with every file's SHA-256 — is written last.
+A directory without a verified ``done.json`` is unfinished, whatever files it holds.
+``OUT/run.json`` records what the run was made with; a rerun with other settings is refused.
+
+Files are written in fixed row blocks, whatever their sources' sizes, so the same rows give
+byte-identical files (after a resume, and after ``merge`` of shards).
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -25,10 +33,15 @@ from .scoring import STATISTICS
 from .targets import Targets
 from .variants import Allele, Skip
 
+log = logging.getLogger("enformer_vep")
+
 # Basenji's quantiles: 99 + 80 + 100 = 279 levels
 PERCENTILES = np.concatenate([np.arange(0.001, 0.1, 0.001), np.arange(0.1, 0.9, 0.01), np.arange(0.9, 1, 0.001)])
 ROW_CHUNK = 64  # HDF5 chunk rows: reading one variant's tracks touches one chunk
-_ROW_FIELDS = ("snp", "chr", "pos", "ref", "alt")
+WRITE_ROWS = 64 * ROW_CHUNK  # rows per HDF5 write: whole chunks, the same for every source layout
+ROW_FIELDS = ("snp", "chr", "pos", "ref", "alt")
+SKIPPED_COLUMNS = ("chrom", "pos", "id", "ref", "alt", "reason", "record")
+DONE = "done.json"
 
 
 def _safe(name: str) -> str:
@@ -47,14 +60,56 @@ def _fsync_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-class RunDirectory:
-    """The output directory of one scoring run: staged chunks, final files, provenance."""
+def write_json(path: Path, value) -> None:
+    _fsync_write(path, lambda f: f.write(json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"))
 
-    def __init__(self, out_dir: str | Path, prefix: str, fingerprint: Mapping, *, overwrite: bool = False):
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strings(values: Iterable[str]) -> np.ndarray:
+    values = list(values)
+    return np.array(values, dtype=object).astype("S") if values else np.zeros(0, "S1")
+
+
+def read_done(out: Path) -> dict | None:
+    """The completion record of ``out`` if every file it lists is there with its SHA-256, else None
+    (and a warning naming the first file that does not match)."""
+    path = Path(out) / DONE
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        for name, entry in done["files"].items():
+            if not (Path(out) / name).is_file() or sha256_file(Path(out) / name) != entry["sha256"]:
+                log.warning("%s: %s is missing or differs from its checksum in %s", out, name, DONE)
+                return None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: %s is unreadable", out, path)
+        return None
+    return done
+
+
+class RunDirectory:
+    """The output directory of one scoring run: staged chunks, final files, provenance.
+
+    ``attach`` joins a directory another process (the run's parent) has already checked and
+    prepared: a device worker stages chunks there and leaves the rest to the parent.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, fingerprint: Mapping, *, overwrite: bool = False,
+                 attach: bool = False):
         self.out = Path(out_dir)
         self.prefix = prefix
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self.work = self.out / ".partial"
+        if attach:
+            return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / ".enformer-vep-write-test"
@@ -63,17 +118,17 @@ class RunDirectory:
         except OSError as error:
             raise InputError(f"cannot write to output directory {self.out}: {error.strerror or error}") from None
         if overwrite:
-            self._clear()
+            self.clear()
+            (self.out / "run.json").unlink(missing_ok=True)
         self._check_previous_run()
-        self.work.mkdir(exist_ok=True)
-        _fsync_write(self.out / "run.json", lambda f: f.write(
-            json.dumps(self.fingerprint, indent=1, sort_keys=True).encode() + b"\n"))
+        write_json(self.out / "run.json", self.fingerprint)
 
     def _outputs(self) -> list[Path]:
         return sorted(self.out.glob(f"{glob_escape(self.prefix)}.*.h5"))
 
-    def _clear(self) -> None:
-        for path in self._outputs() + [self.out / "run.json", self.out / "skipped.tsv"]:
+    def clear(self) -> None:
+        """Remove every result of a previous run here (not run.json: the next one is written anyway)."""
+        for path in self._outputs() + [self.out / "skipped.tsv", self.out / DONE]:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.work, ignore_errors=True)
 
@@ -89,116 +144,182 @@ class RunDirectory:
                              f"rerun the same command to resume it, add --overwrite to start afresh, "
                              f"or choose another output directory")
 
+    def completed(self) -> dict | None:
+        """The verified completion record of a finished run (leftover staging removed), or None.
+        Results that fail verification are removed so that the run is redone, never trusted."""
+        done = read_done(self.out)
+        if done is None:
+            if (self.out / DONE).exists():
+                self.clear()
+            return None
+        shutil.rmtree(self.work, ignore_errors=True)
+        return done
+
     # --- staging ------------------------------------------------------------------------
 
     def final_path(self, chrom: str) -> Path:
         return self.out / f"{self.prefix}.{_safe(chrom)}.h5"
 
-    def _chunk_path(self, chrom: str, index: int) -> Path:
-        return self.work / _safe(chrom) / f"{index:07d}.npz"
+    def _chunk_path(self, chrom: str, block: int) -> Path:
+        return self.work / _safe(chrom) / f"{block:07d}.npz"
 
-    def chunk_done(self, chrom: str, index: int) -> bool:
-        return self.final_path(chrom).is_file() or self._chunk_path(chrom, index).is_file()
+    def chunk_done(self, chrom: str, block: int) -> bool:
+        return self._chunk_path(chrom, block).is_file()
 
-    def write_chunk(self, chrom: str, index: int, rows: Sequence[Allele],
-                    stats: Mapping[str, np.ndarray], clipped: Mapping[str, int]) -> None:
-        """Stage rows ``[n]`` with their statistics ``{name: [n, T] float16}``."""
+    def write_chunk(self, chrom: str, block: int, rows: Sequence[Allele], stats: Mapping[str, np.ndarray],
+                    clipped: Mapping[str, int], skips: Sequence[Skip] = (), mismatched: int = 0) -> None:
+        """Stage one block: scored rows ``[n]`` with their statistics ``{name: [n, T] float16}``, and
+        its skipped rows (``record`` = their 0-based ordinal in the VCF stream)."""
         arrays = {
-            "snp": np.array([r.id for r in rows], dtype=object).astype("S"),
-            "chr": np.array([r.chrom for r in rows], dtype=object).astype("S"),
+            "snp": _strings(r.id for r in rows), "chr": _strings(r.chrom for r in rows),
             "pos": np.array([r.pos for r in rows], dtype=np.uint32),
-            "ref": np.array([r.ref for r in rows], dtype=object).astype("S"),
-            "alt": np.array([r.alt for r in rows], dtype=object).astype("S"),
+            "ref": _strings(r.ref for r in rows), "alt": _strings(r.alt for r in rows),
+            "skipped": _strings("\t".join(map(str, (s.chrom, s.pos, s.id, s.ref, s.alt, s.reason, s.record + 1)))
+                                for s in skips),
+            "skipped_record": np.array([s.record for s in skips], dtype=np.int64),
+            "mismatched": np.int64(mismatched),
         }
         arrays.update({f"stat_{k}": v for k, v in stats.items()})
         arrays.update({f"clipped_{k}": np.int64(v) for k, v in clipped.items()})
-        path = self._chunk_path(chrom, index)
-        path.parent.mkdir(exist_ok=True)
+        path = self._chunk_path(chrom, block)
+        path.parent.mkdir(parents=True, exist_ok=True)
         _fsync_write(path, lambda f: np.savez(f, **arrays))
-
-    def open_skipped(self):
-        """``skipped.tsv`` under construction (renamed into place by :meth:`finish`)."""
-        f = open(self.work / "skipped.tsv.tmp", "w")
-        f.write("chrom\tpos\tid\tref\talt\treason\n")
-        return f
 
     # --- assembly -----------------------------------------------------------------------
 
-    def finish(self, chroms: Iterable[str], targets: Targets, stats: Sequence[str], attrs: Mapping,
-               *, percentiles: bool = False) -> dict[str, Path]:
-        """Assemble every chromosome's file from its chunks, then publish ``skipped.tsv``."""
-        paths = {}
-        for chrom in chroms:
-            paths[chrom] = self.final_path(chrom)
-            if not paths[chrom].is_file():
-                self._assemble(chrom, targets, stats, attrs, percentiles)
-        skipped = self.work / "skipped.tsv.tmp"
-        with open(skipped, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(skipped, self.out / "skipped.tsv")
-        shutil.rmtree(self.work)
-        return paths
-
-    def clipped_counts(self, chroms: Iterable[str], stats: Sequence[str]) -> dict[str, int]:
-        """Values clipped to the float16 range, per statistic, over the finished files."""
-        totals = dict.fromkeys(stats, 0)
-        for chrom in chroms:
-            with h5py.File(self.final_path(chrom), "r") as f:
+    def finish(self, blocks: Iterable[tuple[str, int]], targets: Targets, stats: Sequence[str], attrs: Mapping,
+               *, percentiles: bool = False, extra: Mapping | None = None) -> dict:
+        """Build every file from the staged ``blocks`` (each must be staged), then write the completion
+        record (with ``extra`` entries) and remove the staging. Returns the completion record."""
+        by_chrom: dict[str, list[int]] = {}
+        for chrom, block in blocks:
+            by_chrom.setdefault(chrom, []).append(block)
+        missing = [f"{chrom} block {b}" for chrom, bs in by_chrom.items() for b in bs if not self.chunk_done(chrom, b)]
+        if missing:
+            raise InputError(f"{self.work} lacks staged blocks ({', '.join(missing[:5])}); rerun the same command")
+        chunks = {chrom: [self._chunk_path(chrom, b) for b in sorted(bs)] for chrom, bs in by_chrom.items()}
+        summary = {"scored": 0, "ref_mismatch_scored": 0, "skipped": {}, "clipped": dict.fromkeys(stats, 0)}
+        files = {}
+        for chrom, paths in chunks.items():
+            sources = [ChunkSource(p, stats) for p in paths]
+            summary["ref_mismatch_scored"] += sum(s.mismatched for s in sources)
+            rows = sum(s.size for s in sources)
+            if rows:
+                write_scores(self.final_path(chrom), sources, targets, stats,
+                             attrs | {"run_fingerprint": json.dumps(self.fingerprint, sort_keys=True)},
+                             percentiles=percentiles, tmp_dir=self.work)
+                files[self.final_path(chrom).name] = {"chrom": chrom, "rows": rows}
+                summary["scored"] += rows
                 for name in stats:
-                    totals[name] += int(f[name].attrs["clipped"])
-        return totals
+                    summary["clipped"][name] += sum(s.clipped[name] for s in sources)
+        skip_lines = heapq.merge(*(ChunkSource.skipped_lines(paths) for paths in chunks.values()), key=lambda x: x[0])
+        summary["skipped"] = write_skipped(self.out / "skipped.tsv", (line for _, line in skip_lines))
+        return self.complete(files, summary, extra or {})
 
-    def _chunks(self, chrom: str) -> list[Path]:
-        return sorted((self.work / _safe(chrom)).glob("*.npz"))
+    def complete(self, files: dict, summary: dict, extra: Mapping) -> dict:
+        """Checksum ``files`` and skipped.tsv, write ``done.json`` last, drop the staging."""
+        for name in list(files) + ["skipped.tsv"]:
+            files.setdefault(name, {})["sha256"] = sha256_file(self.out / name)
+        done = {"files": files, "summary": summary, **extra}
+        write_json(self.out / DONE, done)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return done
 
-    def _assemble(self, chrom: str, targets: Targets, stats: Sequence[str], attrs: Mapping,
-                  percentiles: bool) -> None:
-        chunks = self._chunks(chrom)
-        expected = [self._chunk_path(chrom, i) for i in range(len(chunks))]
-        if chunks != expected:
-            raise InputError(f"staged chunks of {chrom} in {self.work} are not contiguous; rerun with --overwrite")
-        sizes, widths = [], dict.fromkeys(_ROW_FIELDS, 1)
-        for path in chunks:
+
+class ChunkSource:
+    """Rows of one staged chunk file, for :func:`write_scores`."""
+
+    def __init__(self, path: Path, stats: Sequence[str]):
+        self.path, self.stats = path, stats
+        with np.load(path) as chunk:
+            self.size = len(chunk["pos"])
+            self.widths = {f: chunk[f].dtype.itemsize for f in ("snp", "chr", "ref", "alt")}
+            self.clipped = {name: int(chunk[f"clipped_{name}"]) for name in stats} if self.size else {}
+            self.mismatched = int(chunk["mismatched"])
+
+    def pieces(self) -> Iterator[dict[str, np.ndarray]]:
+        with np.load(self.path) as chunk:
+            yield {f: chunk[f] for f in ROW_FIELDS} | {name: chunk[f"stat_{name}"] for name in self.stats}
+
+    @staticmethod
+    def skipped_lines(paths: Sequence[Path]) -> Iterator[tuple[int, str]]:
+        """(record, skipped.tsv line) of the chunks, in their order."""
+        for path in paths:
             with np.load(path) as chunk:
-                sizes.append(len(chunk["pos"]))
-                for field in ("snp", "chr", "ref", "alt"):
-                    widths[field] = max(widths[field], chunk[field].dtype.itemsize)
-        n, n_tracks = sum(sizes), len(targets)
-        tmp = self.work / (self.final_path(chrom).name + ".tmp")
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            f.attrs["run_fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)
-            datasets = {field: f.create_dataset(field, (n,), dtype=np.uint32 if field == "pos" else f"S{widths[field]}",
-                                                track_times=False) for field in _ROW_FIELDS}
-            row_chunks = (min(n, ROW_CHUNK), n_tracks)
-            for name in stats:
-                datasets[name] = f.create_dataset(name, (n, n_tracks), dtype=np.float16, chunks=row_chunks,
-                                                  compression="gzip", compression_opts=4, shuffle=True,
-                                                  track_times=False)
-                datasets[name].attrs["formula"] = STATISTICS[name]
-            clipped = dict.fromkeys(stats, 0)
-            start = 0
-            for path, size in zip(chunks, sizes):
-                with np.load(path) as chunk:
-                    for field in _ROW_FIELDS:
-                        datasets[field][start:start + size] = chunk[field]
-                    for name in stats:
-                        datasets[name][start:start + size] = chunk[f"stat_{name}"]
-                        clipped[name] += int(chunk[f"clipped_{name}"])
-                start += size
-            for name in stats:
-                datasets[name].attrs["clipped"] = clipped[name]
-            f.create_dataset("target_ids", data=np.array(targets.ids, dtype=object).astype("S"), track_times=False)
-            f.create_dataset("target_labels", data=np.array(targets.labels, dtype=object).astype("S"),
-                             track_times=False)
-            f["ref_allele"] = h5py.SoftLink("/ref")  # Basenji's own names for the alleles
-            f["alt_allele"] = h5py.SoftLink("/alt")
-            if percentiles:
-                _write_percentiles(f, stats)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.final_path(chrom))
+                yield from zip(chunk["skipped_record"].tolist(), (s.decode() for s in chunk["skipped"]))
+
+
+def write_skipped(path: Path, lines: Iterable[str]) -> dict[str, int]:
+    """``skipped.tsv`` from its data lines (without header), atomically; returns the count per reason."""
+    counts: dict[str, int] = {}
+
+    def write(f):
+        f.write(("\t".join(SKIPPED_COLUMNS) + "\n").encode())
+        for line in lines:
+            reason = line.split("\t")[5].split(" (")[0]
+            counts[reason] = counts.get(reason, 0) + 1
+            f.write(line.encode() + b"\n")
+
+    _fsync_write(path, write)
+    return dict(sorted(counts.items()))
+
+
+class _RowWriter:
+    """Writes rows to the datasets in fixed blocks of :data:`WRITE_ROWS` rows (whole HDF5 chunks),
+    so the file's bytes do not depend on how the rows arrive."""
+
+    def __init__(self, datasets: Mapping[str, h5py.Dataset]):
+        self.datasets, self.buffer, self.buffered, self.start = datasets, {k: [] for k in datasets}, 0, 0
+
+    def add(self, piece: Mapping[str, np.ndarray]) -> None:
+        for name, values in piece.items():
+            self.buffer[name].append(values)
+        self.buffered += len(piece["pos"])
+        if self.buffered >= WRITE_ROWS:
+            self.flush(WRITE_ROWS * (self.buffered // WRITE_ROWS))
+
+    def flush(self, rows: int | None = None) -> None:
+        rows = self.buffered if rows is None else rows
+        for name, parts in self.buffer.items():
+            values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            self.datasets[name][self.start:self.start + rows] = values[:rows]
+            self.buffer[name] = [values[rows:]]
+        self.start += rows
+        self.buffered -= rows
+
+
+def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequence[str], attrs: Mapping, *,
+                 percentiles: bool, tmp_dir: Path) -> None:
+    """One chromosome's file at ``path`` from ``sources`` (each with ``size``, ``widths``, ``clipped``
+    and ``pieces()`` yielding row arrays), built under a temporary name in ``tmp_dir`` and renamed."""
+    n, n_tracks = sum(s.size for s in sources), len(targets)
+    widths = {f: max([1] + [s.widths[f] for s in sources if s.size]) for f in ("snp", "chr", "ref", "alt")}
+    tmp = tmp_dir / (path.name + ".tmp")
+    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        for key, value in sorted(attrs.items()):
+            f.attrs[key] = value
+        datasets = {field: f.create_dataset(field, (n,), dtype=np.uint32 if field == "pos" else f"S{widths[field]}",
+                                            track_times=False) for field in ROW_FIELDS}
+        for name in stats:
+            datasets[name] = f.create_dataset(name, (n, n_tracks), dtype=np.float16, chunks=(min(n, ROW_CHUNK), n_tracks),
+                                              compression="gzip", compression_opts=4, shuffle=True, track_times=False)
+            datasets[name].attrs["formula"] = STATISTICS[name]
+            datasets[name].attrs["clipped"] = sum(s.clipped[name] for s in sources if s.size)
+        writer = _RowWriter(datasets)
+        for source in sources:
+            if source.size:
+                for piece in source.pieces():
+                    writer.add(piece)
+        writer.flush()
+        f.create_dataset("target_ids", data=_strings(targets.ids), track_times=False)
+        f.create_dataset("target_labels", data=_strings(targets.labels), track_times=False)
+        f["ref_allele"] = h5py.SoftLink("/ref")  # Basenji's own names for the alleles
+        f["alt_allele"] = h5py.SoftLink("/alt")
+        if percentiles:
+            _write_percentiles(f, stats)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _write_percentiles(f: h5py.File, stats: Sequence[str], max_block_bytes: int = 1 << 29) -> None:
@@ -217,7 +338,3 @@ def _write_percentiles(f: h5py.File, stats: Sequence[str], max_block_bytes: int 
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
-
-
-def write_skip(handle, skip: Skip) -> None:
-    handle.write(f"{skip.chrom}\t{skip.pos}\t{skip.id}\t{skip.ref}\t{skip.alt}\t{skip.reason}\n")

@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +19,11 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import InputError
+from .errors import EnformerVepError, InputError
 from .genome import Genome, GenomeBlocks
-from .output import RunDirectory, write_skip
-from .scoring import STATISTICS, VariantScorer, to_float16
+from .output import RunDirectory
+from .scoring import STATISTICS, VariantScorer, default_precision, to_float16
+from .shards import Part, record_layout, shard_part
 from .targets import Targets, packaged_targets, read_targets, select_tracks
 from .variants import Allele, Skip, read_variants
 from .weights import default_model_source, load_model, source_digest
@@ -43,6 +46,8 @@ class ScoreOptions:
     pass_only: bool = False
     ref_mismatch: str = "skip"
     device: str | None = None
+    devices: tuple[str, ...] = ()  # several: one worker process per device; ("all",): every CUDA device
+    shard: tuple[int, int] | None = None  # (K, N): score only shard K of N (1-based)
     batch_size: int | None = None  # None: auto
     precision: str | None = None  # None: fp32 on CPU, tf32 on CUDA
     stats: tuple[str, ...] = ("SAD", "SAR")
@@ -71,6 +76,14 @@ class Summary:
     clipped: dict
     seconds: float
     files: dict
+
+    @classmethod
+    def from_done(cls, done: dict, out: Path, seconds: float) -> "Summary":
+        """The summary a completion record (``done.json``) holds."""
+        counts = done["summary"]
+        files = {entry["chrom"]: out / name for name, entry in done["files"].items() if "chrom" in entry}
+        return cls(counts["scored"], collections.Counter(counts["skipped"]), counts["ref_mismatch_scored"],
+                   counts["clipped"], seconds, files)
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds > 0 else float("nan")
@@ -102,15 +115,16 @@ class _Progress:
     """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
 
     def __init__(self, enabled: bool | None, total: int | None, every: float = 30.0):
-        self.bar = tqdm(total=total, unit="variant", desc="scoring",
+        self.bar = tqdm(total=total, unit="record", desc="scoring",
                         disable=not (sys.stderr.isatty() if enabled is None else enabled))
+        self.enabled = enabled is not False
         self.every, self.count, self.start, self.last = every, 0, time.monotonic(), time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.count += n
         self.bar.update(n)
         now = time.monotonic()
-        if self.bar.disable and now - self.last >= self.every:
+        if self.bar.disable and self.enabled and now - self.last >= self.every:
             self.last = now
             log.info("processed %d records (%.1f/s)", self.count, self.count / (now - self.start))
 
@@ -118,46 +132,75 @@ class _Progress:
         self.bar.close()
 
 
+def resolve_devices(devices: tuple[str, ...]) -> list[str]:
+    """``--devices``: names as given, or ``all`` = every CUDA device."""
+    if devices == ("all",):
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InputError("--devices all: no CUDA device is visible")
+        return [f"cuda:{i}" for i in range(count)]
+    return list(devices)
+
+
 def score_vcf(options: ScoreOptions, model=None) -> Summary:
-    """Score every ALT allele of ``options.vcf``; ``model`` overrides ``options.model`` (tests)."""
+    """Score every ALT allele of ``options.vcf`` (or of its shard); ``model`` overrides
+    ``options.model`` (tests, benchmarks; one device only)."""
     started = time.monotonic()
     genome = Genome(options.fasta)
+    devices = resolve_devices(options.devices) if options.devices else [
+        options.device or ("cuda" if torch.cuda.is_available() else "cpu")]
+    if model is not None and len(devices) > 1:
+        raise InputError("an in-memory model runs on one device; pass --model to use several")
+    part = None
+    if options.shard:
+        layout = record_layout(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
+        part = shard_part(layout, options.checkpoint_every, *options.shard)
     # opened first: a bad VCF, index or region fails before the model loads
-    variants = read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms,
-                             pass_only=options.pass_only)
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
     if model is None:
         source = options.model or default_model_source()
-        model, model_sha256 = load_model(source, device=device), source_digest(source)
+        model, model_sha256 = load_model(source, device=devices[0] if len(devices) == 1 else "cpu"), \
+            source_digest(source)
     else:
         source, model_sha256 = "<in-memory model>", _model_digest(model)
-        model = model.to(device)
+        model = model.to(devices[0])
     targets = _targets(options, model.config.heads)
     tracks = select_tracks(options.tracks, targets)
-    scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
-                           shifts=options.shifts, device=device, batch_size=options.batch_size,
-                           precision=options.precision)
+    precision = options.precision or default_precision(torch.device(devices[0]))
     settings = options.output_settings() | {"prefix": options.prefix or _default_prefix(options.vcf),
-                                            "precision": scorer.precision}
+                                            "precision": precision}
     provenance = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
                   "vcf": os.path.abspath(options.vcf), "fasta": os.path.abspath(options.fasta),
                   "fasta_index_sha256": genome.index_checksum()}
     vcf_stat = os.stat(options.vcf)
-    run = RunDirectory(options.out_dir, settings["prefix"], provenance | {
-        "vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns, "options": settings},
-        overwrite=options.overwrite)
+    fingerprint = provenance | {"vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns,
+                                "options": settings}
+    if options.shard:
+        fingerprint["shard"] = "{}/{}".format(*options.shard)
+    run = RunDirectory(options.out_dir, settings["prefix"], fingerprint, overwrite=options.overwrite)
     attrs = provenance | {"model_source": str(source), "options": json.dumps(settings, sort_keys=True),
                           "statistics": json.dumps({k: STATISTICS[k] for k in options.stats})}
 
-    total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
-    scored, mismatched, skipped, chroms = _stream(options, variants, genome, scorer, run, total)
-    if scored == 0:
-        run.finish([], targets, options.stats, attrs)
-        detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the VCF holds no records"
-        raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
-    files = run.finish(chroms, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles)
-    return Summary(scored, skipped, mismatched, run.clipped_counts(chroms, options.stats),
-                   time.monotonic() - started, files)
+    done = run.completed()
+    if done is None:
+        if len(devices) == 1:
+            blocks = _score_part(options, part, devices[0], 0, 1, run, model=model, progress=options.progress)
+        else:
+            del model
+            blocks = _run_workers(options, part, devices, run)
+        extra = {"shard": None} if part is None else {
+            "shard": [part.shard, part.shards], "layout": [list(c) for c in layout.contigs],
+            "layout_sha256": layout.digest(), "checkpoint_every": options.checkpoint_every,
+            "blocks": sorted([chrom, index] for chrom, index in part.blocks)}
+        done = run.finish(blocks, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles,
+                          extra=extra)
+    summary = Summary.from_done(done, run.out, time.monotonic() - started)
+    if summary.scored == 0:
+        detail = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "the VCF holds no records"
+        if part is None:
+            raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
+        log.warning("shard %d/%d scored no variant (%s)", part.shard, part.shards, detail)
+    return summary
 
 
 def _targets(options: ScoreOptions, heads: dict[str, int]) -> Targets:
@@ -185,52 +228,143 @@ def _checked(item: Allele | Skip, genome: Genome, policy: str) -> tuple[Allele |
                 item.record), True
 
 
-def _stream(options: ScoreOptions, variants, genome: Genome, scorer: VariantScorer, run: RunDirectory,
-            total: int | None) -> tuple[int, int, collections.Counter, list[str]]:
-    """Score the stream checkpoint by checkpoint; returns (scored, scored despite a REF mismatch,
-    skipped per reason, chromosomes in order of first appearance)."""
-    skipped: collections.Counter = collections.Counter()
-    pending: dict[str, list[Allele]] = {}
-    chunk_index: dict[str, int] = collections.Counter()
-    scored = mismatched = 0
+def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: int, workers: int,
+                run: RunDirectory, *, model=None, progress: bool | None = False) -> list[tuple[str, int]]:
+    """Stage this worker's blocks of ``part`` (None: the whole stream): the ``worker``-th of every
+    ``workers`` blocks in stream order. Returns every block of the part, in stream order."""
+    genome = Genome(options.fasta)
+    if part is not None and not part.blocks:
+        return []
+    chroms = options.chroms if part is None or part.read_chroms is None else part.read_chroms
+    variants = read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=chroms,
+                             pass_only=options.pass_only)
+    if model is None:
+        model = load_model(options.model or default_model_source(), device=device)
+    tracks = select_tracks(options.tracks, _targets(options, model.config.heads))
+    scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
+                           shifts=options.shifts, device=device, batch_size=options.batch_size,
+                           precision=options.precision)
+    if part is not None:
+        total = part.records
+    else:
+        total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
+    offset = 0 if part is None else part.record_offset
+    blocks, records = _stream(options, part, variants, genome, scorer, run, worker, workers, offset,
+                              _Progress(progress, total))
+    if part is not None and (set(blocks) != part.blocks or records != part.records):
+        raise InputError(f"{options.vcf} does not hold the records its index counts ({part.records} expected in "
+                         f"shard {part.shard}/{part.shards}, {records} read): rebuild the index")
+    return blocks
+
+
+@dataclasses.dataclass
+class _Block:
+    chrom: str
+    index: int
+    mine: bool
+    rows: list = dataclasses.field(default_factory=list)
+    skips: list = dataclasses.field(default_factory=list)
+    mismatched: int = 0
+
+
+def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, scorer: VariantScorer,
+            run: RunDirectory, worker: int, workers: int, offset: int,
+            progress: _Progress) -> tuple[list[tuple[str, int]], int]:
+    """Read the stream block by block, scoring and staging the blocks this worker owns and has not
+    staged yet. Returns the part's blocks in stream order and how many records they hold."""
+    size = options.checkpoint_every
+    seen: collections.Counter = collections.Counter()  # records read per contig
+    current: dict[str, _Block] = {}  # the block being read, per contig
+    blocks: list[tuple[str, int]] = []
+    records = 0
     window_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windows")
-    blocks = GenomeBlocks(Genome(options.fasta))  # the window thread's own reader
+    blocks_reader = GenomeBlocks(Genome(options.fasta))  # the window thread's own reader
 
-    def flush(chrom: str) -> None:
-        rows = pending.pop(chrom, [])
-        if rows and not run.chunk_done(chrom, chunk_index[chrom]):
-            _score_chunk(run, scorer, window_thread, blocks, chrom, chunk_index[chrom], rows)
-        chunk_index[chrom] += 1
+    def flush(block: _Block) -> None:
+        if block.mine:
+            _score_chunk(run, scorer, window_thread, blocks_reader, block)
 
-    progress = _Progress(options.progress, total)
-    last_record = -1
-    with run.open_skipped() as skip_file:
-        try:
-            for item in variants:
-                if item.record != last_record:
-                    progress.update(item.record - last_record)
-                    last_record = item.record
-                item, mismatch = _checked(item, genome, options.ref_mismatch)
-                if isinstance(item, Skip):
-                    skipped[item.reason.split(" (")[0]] += 1
-                    write_skip(skip_file, item)
-                    continue
-                scored += 1
-                mismatched += mismatch
-                pending.setdefault(item.chrom, []).append(item)
-                if len(pending[item.chrom]) == options.checkpoint_every:
-                    flush(item.chrom)
-            for chrom in list(pending):
-                flush(chrom)
-        finally:
-            progress.close()
-            window_thread.shutdown()
-    return scored, mismatched, skipped, list(chunk_index)
+    last_record, block = -1, None
+    try:
+        for item in variants:
+            if item.record != last_record:
+                last_record = item.record
+                progress.update()
+                index = seen[item.chrom] // size
+                seen[item.chrom] += 1
+                block = current.get(item.chrom)
+                if block is None or block.index != index:
+                    if block is not None:
+                        flush(block)
+                    in_part = part is None or (item.chrom, index) in part.blocks
+                    mine = in_part and len(blocks) % workers == worker and not run.chunk_done(item.chrom, index)
+                    if in_part:
+                        blocks.append((item.chrom, index))
+                    block = current[item.chrom] = _Block(item.chrom, index, mine)
+                records += part is None or (item.chrom, block.index) in part.blocks
+            if not block.mine:
+                continue
+            item, mismatch = _checked(item, genome, options.ref_mismatch)
+            if isinstance(item, Skip):
+                block.skips.append(dataclasses.replace(item, record=item.record + offset))
+            else:
+                block.rows.append(item)
+                block.mismatched += mismatch
+        for block in current.values():
+            flush(block)
+    finally:
+        progress.close()
+        window_thread.shutdown()
+    return blocks, records
+
+
+def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
+                 run: RunDirectory) -> list[tuple[str, int]]:
+    """One process per device, each staging its share of the blocks; the first failure stops all."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    results = context.Queue()
+    processes = [context.Process(target=_worker_main, name=f"enformer-vep {device}", daemon=True,
+                                 args=(results, options, part, device, w, len(devices), run.out, run.prefix))
+                 for w, device in enumerate(devices)]
+    for process in processes:
+        process.start()
+    outcomes: dict[int, tuple[str, object]] = {}
+    try:
+        while len(outcomes) < len(processes):
+            try:
+                w, status, value = results.get(timeout=1.0)
+                outcomes[w] = (status, value)
+                if status == "error":
+                    raise EnformerVepError(f"worker on {devices[w]}: {value}")
+            except queue.Empty:
+                for w, process in enumerate(processes):
+                    if w not in outcomes and not process.is_alive() and results.empty():
+                        raise EnformerVepError(f"the worker on {devices[w]} died (exit code {process.exitcode}); "
+                                               "rerun the same command to resume")
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    return outcomes[0][1]
+
+
+def _worker_main(results, options: ScoreOptions, part: Part | None, device: str, worker: int, workers: int,
+                 out: Path, prefix: str) -> None:
+    # CPU workers keep torch's default thread count: CPU sums depend on it, and must match one process's
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{device}] %(message)s", stream=sys.stderr)
+    try:
+        run = RunDirectory(out, prefix, {}, attach=True)
+        blocks = _score_part(options, part, device, worker, workers, run,
+                             progress=options.progress if worker == 0 else False)
+        results.put((worker, "ok", blocks))
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which stops the run
+        results.put((worker, "error", str(error)))
 
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
-                 chrom: str, index: int, rows: list[Allele]) -> None:
-    """Score ``rows`` in groups of ``batch_size`` variants and stage them as chunk ``index``.
+                 block: _Block) -> None:
+    """Score a block's rows in groups of ``batch_size`` variants and stage it with its skipped rows.
 
     The next group's windows are built on ``window_thread`` while the device scores this one.
     """
@@ -238,10 +372,10 @@ def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: Thread
         pairs = [allele_windows(blocks, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-    size = scorer.batch_size
+    rows, size = block.rows, scorer.batch_size
     groups = [rows[start:start + size] for start in range(0, len(rows), size)]
     parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    pending = window_thread.submit(windows, groups[0])
+    pending = window_thread.submit(windows, groups[0]) if groups else None
     for k in range(len(groups)):
         ref, alt = pending.result()
         if k + 1 < len(groups):
@@ -251,7 +385,7 @@ def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: Thread
     stats16, clipped = {}, {}
     for name, values in parts.items():
         stats16[name], clipped[name] = to_float16(np.concatenate(values))
-    run.write_chunk(chrom, index, rows, stats16, clipped)
+    run.write_chunk(block.chrom, block.index, rows, stats16, clipped, block.skips, block.mismatched)
 
 
 def _indexed_record_count(vcf: str) -> int | None:

@@ -8,7 +8,7 @@ import pytest
 from enformer_vep.errors import InputError
 from enformer_vep.output import PERCENTILES, RunDirectory
 from enformer_vep.targets import Targets
-from enformer_vep.variants import Allele
+from enformer_vep.variants import Allele, Skip
 
 TARGETS = Targets(["t0", "t1", "t2"], ["CAGE:a", "DNASE:b", "CHIP:c"])
 ATTRS = {"model_sha256": "abc", "options": json.dumps({"stats": ["SAD"]})}
@@ -29,14 +29,17 @@ def staged_run(out, chrom="chr1", sizes=(4, 4, 2), seed=0):
         run.write_chunk(chrom, index, chunk_rows, {"SAD": sad}, {"SAD": index})
         all_rows += chunk_rows
         all_sad.append(sad)
-    run.open_skipped().close()
     return run, all_rows, np.concatenate(all_sad)
+
+
+BLOCKS = [("chr1", 0), ("chr1", 1), ("chr1", 2)]
 
 
 def test_assembled_file_layout(tmp_path):
     run, expected_rows, sad = staged_run(tmp_path / "out")
-    paths = run.finish(["chr1"], TARGETS, ["SAD"], ATTRS, percentiles=True)
-    with h5py.File(paths["chr1"], "r") as f:
+    done = run.finish(BLOCKS, TARGETS, ["SAD"], ATTRS, percentiles=True)
+    assert done["files"]["p.chr1.h5"]["rows"] == 10 and done["summary"]["scored"] == 10
+    with h5py.File(tmp_path / "out" / "p.chr1.h5", "r") as f:
         assert [s.decode() for s in f["snp"][:]] == [r.id for r in expected_rows]
         assert f["pos"].dtype == np.uint32 and list(f["pos"][:]) == [r.pos for r in expected_rows]
         assert [a.decode() for a in f["alt_allele"][:]] == [r.alt for r in expected_rows]
@@ -54,15 +57,15 @@ def test_assembled_file_layout(tmp_path):
         assert f["SAD_pct"].shape == (3, 279)
         np.testing.assert_array_equal(f["SAD_pct"][:], want)
     assert not (tmp_path / "out" / ".partial").exists()
-    assert (tmp_path / "out" / "skipped.tsv").read_text().startswith("chrom\tpos\tid\tref\talt\treason")
+    assert (tmp_path / "out" / "skipped.tsv").read_text() == "chrom\tpos\tid\tref\talt\treason\trecord\n"
 
 
 def test_files_are_byte_identical_across_runs(tmp_path):
     first, _, _ = staged_run(tmp_path / "a")
     second, _, _ = staged_run(tmp_path / "b")
-    a = first.finish(["chr1"], TARGETS, ["SAD"], ATTRS)["chr1"].read_bytes()
-    b = second.finish(["chr1"], TARGETS, ["SAD"], ATTRS)["chr1"].read_bytes()
-    assert a == b
+    first.finish(BLOCKS, TARGETS, ["SAD"], ATTRS)
+    second.finish(BLOCKS, TARGETS, ["SAD"], ATTRS)
+    assert (tmp_path / "a" / "p.chr1.h5").read_bytes() == (tmp_path / "b" / "p.chr1.h5").read_bytes()
 
 
 def test_odd_contig_names_get_distinct_safe_file_names(tmp_path):
@@ -85,6 +88,48 @@ def test_resume_keeps_staged_chunks_and_refuses_other_settings(tmp_path):
 def test_gaps_in_staged_chunks_are_never_assembled(tmp_path):
     run, _, _ = staged_run(tmp_path)
     (tmp_path / ".partial" / "chr1" / "0000001.npz").unlink()
-    with pytest.raises(InputError, match="not contiguous"):
-        run.finish(["chr1"], TARGETS, ["SAD"], ATTRS)
+    with pytest.raises(InputError, match=r"lacks staged blocks \(chr1 block 1\)"):
+        run.finish(BLOCKS, TARGETS, ["SAD"], ATTRS)
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_file_bytes_do_not_depend_on_how_rows_are_staged(tmp_path):
+    """Rows are written in fixed blocks of whole HDF5 chunks, so a resume or a merge that brings
+    the same rows in other pieces gives the same bytes."""
+    all_rows = rows("chr1", 0, 5100)
+    sad = np.random.default_rng(0).normal(size=(5100, 3)).astype(np.float16)
+    files = []
+    for name, sizes in (("a", (3000, 2000, 100)), ("b", (5100,)), ("c", (1, 4098, 1001))):
+        run = RunDirectory(tmp_path / name, "p", {})
+        bounds = np.cumsum((0,) + sizes)
+        for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            run.write_chunk("chr1", index, all_rows[start:stop], {"SAD": sad[start:stop]}, {"SAD": 0})
+        run.finish([("chr1", i) for i in range(len(sizes))], TARGETS, ["SAD"], ATTRS, percentiles=True)
+        files.append((tmp_path / name / "p.chr1.h5").read_bytes())
+    assert files[0] == files[1] == files[2]
+
+
+def test_skipped_rows_come_out_in_record_order_across_chromosomes(tmp_path):
+    run = RunDirectory(tmp_path, "p", {})
+    skips = {"chr1": [Skip("chr1", 10 * r, f"s{r}", "A", "<DEL>", "symbolic allele", r) for r in (0, 2, 5)],
+             "chr2": [Skip("chr2", 10 * r, f"s{r}", "A", "*", "symbolic allele", r) for r in (1, 3, 4)]}
+    run.write_chunk("chr1", 0, [], {}, {}, skips["chr1"][:2])
+    run.write_chunk("chr1", 1, [], {}, {}, skips["chr1"][2:])
+    run.write_chunk("chr2", 0, [], {}, {}, skips["chr2"])
+    done = run.finish([("chr1", 0), ("chr2", 0), ("chr1", 1)], TARGETS, ["SAD"], ATTRS)
+    lines = (tmp_path / "skipped.tsv").read_text().splitlines()
+    assert [line.split("\t")[2] for line in lines[1:]] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    assert lines[1] == "chr1\t0\ts0\tA\t<DEL>\tsymbolic allele\t1"
+    assert done["summary"]["skipped"] == {"symbolic allele": 6} and done["files"].keys() == {"skipped.tsv"}
+
+
+def test_a_finished_run_is_trusted_only_while_its_checksums_hold(tmp_path):
+    run, _, _ = staged_run(tmp_path)
+    run.finish(BLOCKS, TARGETS, ["SAD"], ATTRS)
+    again = RunDirectory(tmp_path, "p", {"options": {"stats": ["SAD"]}})
+    assert again.completed()["files"]["p.chr1.h5"]["rows"] == 10
+    data = bytearray((tmp_path / "p.chr1.h5").read_bytes())
+    data[-100] ^= 1  # a flipped bit
+    (tmp_path / "p.chr1.h5").write_bytes(bytes(data))
+    assert again.completed() is None
+    assert not (tmp_path / "p.chr1.h5").exists() and not (tmp_path / "done.json").exists()

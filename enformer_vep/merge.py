@@ -1,0 +1,146 @@
+"""``enformer-score merge``: the output directories of ``--shard K/N`` runs, combined into the files
+one run would have written (same rows in VCF order, same bytes; percentiles from all rows)."""
+from __future__ import annotations
+
+import heapq
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+
+from .errors import InputError
+from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file, write_scores, write_skipped
+from .targets import Targets
+
+PIECE_ROWS = 4096
+
+
+class H5Source:
+    """Rows of one shard's chromosome file, for :func:`output.write_scores`."""
+
+    def __init__(self, path: Path, stats: Sequence[str]):
+        self.path, self.stats = path, stats
+        with h5py.File(path, "r") as f:
+            self.size = len(f["pos"])
+            self.widths = {field: f[field].dtype.itemsize for field in ("snp", "chr", "ref", "alt")}
+            self.clipped = {name: int(f[name].attrs["clipped"]) for name in stats}
+
+    def pieces(self) -> Iterator[dict]:
+        with h5py.File(self.path, "r") as f:
+            for start in range(0, self.size, PIECE_ROWS):
+                yield {name: f[name][start:start + PIECE_ROWS] for name in (*ROW_FIELDS, *self.stats)}
+
+
+class _Shard:
+    def __init__(self, directory: str):
+        self.dir = Path(directory)
+        run = self.dir / "run.json"
+        if not run.is_file():
+            raise InputError(f"{self.dir} is not an enformer-score output directory (no run.json)")
+        self.fingerprint = json.loads(run.read_text())
+        if "shard" not in self.fingerprint:
+            raise InputError(f"{self.dir} was not run with --shard: there is nothing to merge it with")
+        self.k, self.n = (int(v) for v in self.fingerprint["shard"].split("/"))
+        self.name = f"shard {self.k}/{self.n} ({self.dir})"
+        self.done = self._verified_done()
+
+    def _verified_done(self) -> dict:
+        path = self.dir / DONE
+        if not path.is_file():
+            raise InputError(f"{self.name} is incomplete (no {DONE}): rerun its command to finish it")
+        try:
+            done = json.loads(path.read_text())
+            files = done["files"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{self.name}: {path} is unreadable: rerun its command") from None
+        for name, entry in files.items():
+            if not (self.dir / name).is_file():
+                raise InputError(f"{self.name} lacks {name}, listed in its {DONE}: rerun its command")
+            if sha256_file(self.dir / name) != entry["sha256"]:
+                raise InputError(f"{self.name}: {name} differs from its checksum (torn or altered): "
+                                 f"rerun its command with --overwrite")
+        return done
+
+
+def merge_runs(shard_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False) -> dict:
+    """Check that ``shard_dirs`` are the complete, verified shards of one run, then write the merged
+    files into ``out_dir`` (resumable: rerunning rebuilds what is unfinished). Returns ``done.json``."""
+    if not shard_dirs:
+        raise InputError("merge needs the shards' output directories")
+    shards = [_Shard(d) for d in shard_dirs]
+    out = Path(out_dir)
+    for shard in shards:
+        if out.resolve() == shard.dir.resolve():
+            raise InputError(f"the merged output must go to another directory than {shard.dir}")
+    _check_same_run(shards)
+    shards.sort(key=lambda s: s.k)
+    common = {k: v for k, v in shards[0].fingerprint.items() if k != "shard"}
+    options = common["options"]
+    run = RunDirectory(out, options["prefix"], common, overwrite=overwrite)
+    done = run.completed()
+    if done is not None:
+        return done
+    run.work.mkdir(exist_ok=True)
+    stats = options["stats"]
+    files, summary = {}, {"scored": 0, "ref_mismatch_scored": 0, "clipped": dict.fromkeys(stats, 0)}
+    chroms = {}  # chromosome -> its file in each shard that has it, in shard order
+    for shard in shards:
+        summary["ref_mismatch_scored"] += shard.done["summary"]["ref_mismatch_scored"]
+        for name, entry in shard.done["files"].items():
+            if "chrom" in entry:
+                chroms.setdefault(entry["chrom"], []).append(shard.dir / name)
+    for chrom, paths in chroms.items():
+        sources = [H5Source(p, stats) for p in paths]
+        with h5py.File(paths[0], "r") as f:
+            attrs = {k: v for k, v in f.attrs.items() if k != "run_fingerprint"}
+            targets = Targets([t.decode() for t in f["target_ids"][:]], [t.decode() for t in f["target_labels"][:]])
+        attrs["run_fingerprint"] = json.dumps(run.fingerprint, sort_keys=True)
+        write_scores(run.final_path(chrom), sources, targets, stats, attrs, percentiles=options["percentiles"],
+                     tmp_dir=run.work)
+        rows = sum(s.size for s in sources)
+        files[run.final_path(chrom).name] = {"chrom": chrom, "rows": rows}
+        summary["scored"] += rows
+        for name in stats:
+            summary["clipped"][name] += sum(s.clipped[name] for s in sources)
+    lines = heapq.merge(*(_skipped_lines(s.dir / "skipped.tsv") for s in shards), key=lambda x: x[0])
+    summary["skipped"] = write_skipped(run.out / "skipped.tsv", (line for _, line in lines))
+    return run.complete(files, summary, {"shard": None, "merged_from": [str(s.dir.resolve()) for s in shards]})
+
+
+def _skipped_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(record, line) of a shard's skipped.tsv, whose last column is the record number."""
+    with open(path) as f:
+        next(f)
+        for line in f:
+            line = line.rstrip("\n")
+            yield int(line.rsplit("\t", 1)[1]), line
+
+
+def _check_same_run(shards: list[_Shard]) -> None:
+    """One run's shards, each once, none missing, together covering every block exactly once."""
+    first = shards[0]
+    for shard in shards[1:]:
+        changed = sorted(k for k in set(first.fingerprint) | set(shard.fingerprint)
+                         if k != "shard" and first.fingerprint.get(k) != shard.fingerprint.get(k))
+        if changed:
+            raise InputError(f"{shard.name} and {first.name} come from different runs (they differ in "
+                             f"{', '.join(changed)})")
+        if shard.n != first.n:
+            raise InputError(f"{shard.name} and {first.name} split the VCF differently ({shard.n} vs {first.n} "
+                             f"shards)")
+        if shard.done.get("layout_sha256") != first.done.get("layout_sha256"):
+            raise InputError(f"{shard.name} and {first.name} counted different VCF records")
+    seen: dict[int, _Shard] = {}
+    for shard in shards:
+        if shard.k in seen:
+            raise InputError(f"shard {shard.k}/{shard.n} is given twice: {seen[shard.k].dir} and {shard.dir}")
+        seen[shard.k] = shard
+    missing = [f"{k}/{first.n}" for k in range(1, first.n + 1) if k not in seen]
+    if missing:
+        raise InputError(f"missing shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {first.n}")
+    size = first.done["checkpoint_every"]
+    expected = sorted([c, b] for c, n in first.done["layout"] for b in range((n + size - 1) // size))
+    covered = sorted(block for shard in shards for block in shard.done["blocks"])
+    if covered != expected:
+        raise InputError("the shards' blocks do not cover the VCF exactly once; rerun the shards with --overwrite")

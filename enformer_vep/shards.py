@@ -1,0 +1,196 @@
+"""Which records a run reads and scores: ``--shard K/N`` and the split among device workers.
+
+A run reads the VCF in *blocks* of up to ``checkpoint_every`` consecutive records of one
+contig (numbered per contig from 0); a block is staged as one chunk and is batched the
+same way whoever scores it, so any split on block boundaries gives the same numbers as one
+run. ``--shard K/N`` takes the blocks whose first record falls in the K-th of N equal parts
+of the record stream: contiguous, covering every record exactly once, balanced to within a
+block. The record counts per contig come from the ``.tbi``/``.csi`` index when there is one
+(and then a shard queries only its contigs), else from one counting pass over the VCF.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections import Counter
+
+from .errors import InputError
+from .variants import read_variants, resolve_contig
+
+TBI_PSEUDO_BIN = 37450
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): shard K of N, 1 <= K <= N (K is 1-based, like SLURM's --array=1-N)."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.strip().isdigit() and n.strip().isdigit()) or not 1 <= int(k) <= int(n):
+        raise InputError(f"--shard expects K/N with 1 <= K <= N (e.g. 2/8), not {text!r}")
+    return int(k), int(n)
+
+
+def index_record_counts(path: str, header_contigs: list[str]) -> dict[str, int] | None:
+    """Records per contig from the ``.tbi`` or ``.csi`` index beside ``path`` (its per-contig
+    statistics), in index order; None when there is no index or it lacks the statistics.
+    ``header_contigs`` name a BCF's contigs (its CSI index numbers them in header order)."""
+    for suffix in (".csi", ".tbi"):
+        if os.path.exists(path + suffix):
+            try:
+                data = gzip.decompress(open(path + suffix, "rb").read())
+                return _tbi_counts(data) if suffix == ".tbi" else _csi_counts(data, header_contigs)
+            except (OSError, EOFError, zlib.error, struct.error, IndexError, UnicodeDecodeError) as error:
+                raise InputError(f"unreadable VCF index {path + suffix}: {error}") from None
+    return None
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.at = data, 0
+
+    def take(self, fmt: str):
+        values = struct.unpack_from("<" + fmt, self.data, self.at)
+        self.at += struct.calcsize("<" + fmt)
+        return values if len(values) > 1 else values[0]
+
+    def skip(self, n: int) -> None:
+        self.at += n
+
+
+def _names(reader: _Reader) -> list[str]:
+    """The tabix header (format, columns, meta, skip) and its NUL-separated contig names."""
+    reader.skip(6 * 4)
+    length = reader.take("i")
+    blob = reader.data[reader.at:reader.at + length]
+    reader.skip(length)
+    return [name.decode() for name in blob.split(b"\0")[:-1]]
+
+
+def _bins(reader: _Reader, pseudo_bin: int, csi: bool) -> int | None:
+    """Walk one contig's bins; the records counted in its pseudo-bin (0 without bins), or None."""
+    n_bin = reader.take("i")
+    mapped = None if n_bin else 0
+    for _ in range(n_bin):
+        bin_number = reader.take("I")
+        if csi:
+            reader.skip(8)  # loffset
+        n_chunk = reader.take("i")
+        if bin_number == pseudo_bin and n_chunk == 2:
+            reader.skip(16)
+            mapped = reader.take("Q")
+            reader.skip(8)
+        else:
+            reader.skip(16 * n_chunk)
+    return mapped
+
+
+def _tbi_counts(data: bytes) -> dict[str, int] | None:
+    reader = _Reader(data)
+    if data[:4] != b"TBI\1":
+        raise InputError("not a tabix index")
+    n_ref = reader.take("4xi")
+    names = _names(reader)
+    counts = {}
+    for tid in range(n_ref):
+        mapped = _bins(reader, TBI_PSEUDO_BIN, csi=False)
+        reader.skip(8 * reader.take("i"))  # linear index
+        if mapped is None:
+            return None
+        counts[names[tid]] = mapped
+    return counts
+
+
+def _csi_counts(data: bytes, header_contigs: list[str]) -> dict[str, int] | None:
+    reader = _Reader(data)
+    if data[:4] != b"CSI\1":
+        raise InputError("not a CSI index")
+    _, depth, l_aux = reader.take("4xiii")
+    names = _names(_Reader(data[reader.at:reader.at + l_aux])) if l_aux else header_contigs
+    reader.skip(l_aux)
+    n_ref = reader.take("i")
+    pseudo_bin = ((1 << ((depth + 1) * 3)) - 1) // 7 + 1
+    counts = {}
+    for tid in range(n_ref):
+        mapped = _bins(reader, pseudo_bin, csi=True)
+        if mapped is None:
+            return None
+        counts[names[tid]] = mapped
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Records per contig of the stream a run reads, in stream order. ``indexed``: the counts came
+    from the index, so each contig can be read alone."""
+
+    contigs: tuple[tuple[str, int], ...]
+    indexed: bool
+
+    @property
+    def records(self) -> int:
+        return sum(n for _, n in self.contigs)
+
+    def blocks(self, size: int) -> list[tuple[str, int, int, int]]:
+        """(contig, block, position of its first record in the stream, records) of every block."""
+        out, at = [], 0
+        for contig, n in self.contigs:
+            for block, start in enumerate(range(0, n, size)):
+                out.append((contig, block, at + start, min(size, n - start)))
+            at += n
+        return out
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.contigs).encode()).hexdigest()
+
+
+def record_layout(vcf: str, fasta_contigs, *, regions=(), chroms=()) -> Layout:
+    """Count the records of the stream ``read_variants`` gives for these arguments, per contig."""
+    if not regions:
+        from cyvcf2 import VCF
+        handle = VCF(vcf, lazy=True)
+        try:
+            header = [rec.info()["ID"] for rec in handle.header_iter() if rec.type == "CONTIG"]
+        finally:
+            handle.close()
+        counts = index_record_counts(vcf, header)
+        if counts is not None:
+            wanted = {resolve_contig(c, counts) for c in chroms}
+            if None in wanted:
+                missing = [c for c in chroms if resolve_contig(c, counts) is None]
+                raise InputError(f"--chrom {missing[0]} is not in the index of {vcf}")
+            return Layout(tuple((c, n) for c, n in counts.items() if n and (not chroms or c in wanted)), True)
+    counts: Counter = Counter()
+    last = -1
+    for item in read_variants(vcf, fasta_contigs, regions=regions, chroms=chroms):
+        if item.record != last:
+            counts[item.chrom] += 1
+            last = item.record
+    return Layout(tuple(counts.items()), False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The blocks one shard scores. ``read_chroms``: contigs to query through the index (None: read
+    the whole stream); ``record_offset``: stream position of the first record so read."""
+
+    shard: int
+    shards: int
+    blocks: frozenset[tuple[str, int]]
+    records: int
+    read_chroms: tuple[str, ...] | None
+    record_offset: int
+
+
+def shard_part(layout: Layout, size: int, shard: int, shards: int) -> Part:
+    """Shard ``shard`` of ``shards`` (1-based): the blocks whose first record lies in its share."""
+    total = max(1, layout.records)
+    mine = [b for b in layout.blocks(size) if b[2] * shards // total == shard - 1]
+    read_chroms, offset = None, 0
+    if layout.indexed and mine:
+        read_chroms = tuple(dict.fromkeys(b[0] for b in mine))
+        first = [c for c, _ in layout.contigs].index(read_chroms[0])
+        offset = sum(n for _, n in layout.contigs[:first])
+    return Part(shard, shards, frozenset((b[0], b[1]) for b in mine), sum(b[3] for b in mine), read_chroms, offset)
