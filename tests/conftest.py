@@ -35,3 +35,47 @@ def official_outputs() -> dict:
     ``grad`` and ``grad_target``."""
     with np.load(DATA / "official_small" / "outputs.npz") as outputs:
         return dict(outputs)
+
+
+@pytest.fixture(scope="session")
+def fast_model(tmp_path_factory) -> Path:
+    """A very small random Enformer (12 channels, max pooling, the released 5313-track human head)
+    saved as our .safetensors: cheap enough for end-to-end runs in subprocesses."""
+    import torch
+
+    from enformer_vep.model import Enformer, EnformerConfig
+    from enformer_vep.weights import save_native
+
+    torch.manual_seed(5)
+    model = Enformer(EnformerConfig(channels=12, num_heads=2, num_transformer_layers=1, pooling_type="max",
+                                    conv_filters=[6, 6, 6, 6, 8, 12], heads={"human": 5313}))
+    with torch.no_grad():  # larger weights: single-base effects well above float32 noise
+        for name, tensor in model.state_dict().items():
+            if name.endswith("weight") and tensor.ndim > 1:
+                tensor.mul_(2.0)
+    path = tmp_path_factory.mktemp("fast_model") / "fast.safetensors"
+    save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_contig_vcf(tmp_path_factory) -> Path:
+    """``two_contigs.vcf`` (plain), ``.vcf.gz`` + ``.tbi`` and ``.bcf`` + ``.csi`` in one directory: the
+    first 30 GIAB records on chr1, then 7 records on chr2 (not in the chr1-only FASTA: skipped rows)."""
+    import pysam
+    import pysam.bcftools
+
+    source = DATA / "grch38_chr1_giab_hg002" / "input.vcf"
+    lines = source.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    body = [line for line in lines if not line.startswith("#")][:30]
+    body += [f"chr2\t{1000 * (i + 1)}\tc2_{i}\tA\tG\t50\tPASS\t.\tGT\t0/1\n" for i in range(7)]
+    directory = tmp_path_factory.mktemp("two_contigs")
+    vcf = directory / "two_contigs.vcf"
+    vcf.write_text("".join(header + body))
+    pysam.tabix_compress(str(vcf), str(vcf) + ".gz")
+    pysam.tabix_index(str(vcf) + ".gz", preset="vcf")
+    bcf = directory / "two_contigs.bcf"
+    pysam.bcftools.view("-Ob", "-o", str(bcf), str(vcf) + ".gz", catch_stdout=False)
+    pysam.bcftools.index(str(bcf))
+    return vcf

@@ -333,26 +333,64 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
         assert "SAR" not in f and "SAD" in f
 
 
-# --- interruption --------------------------------------------------------------------------------
+# --- interruption and several devices ------------------------------------------------------------
 
-def test_sigkill_then_rerun_gives_identical_files(tmp_path, tiny_model):
-    vcf = giab_vcf(tmp_path, lambda lines: [line for line in lines if line.startswith("#")]
-                   + [line for line in lines if not line.startswith("#")][:40])
+OUTPUT_FILES = ("edited.chr1.h5", "skipped.tsv", "run.json", "done.json")
+
+
+def short_vcf(tmp_path, records=24):
+    """The first ``records`` GIAB records, one of them with a REF the FASTA disagrees with (a skip)."""
+    def edit(lines):
+        header = [line for line in lines if line.startswith("#")]
+        body = [line for line in lines if not line.startswith("#")][:records]
+        fields = body[5].split("\t")
+        fields[3] = "A" if fields[3] != "A" else "C"
+        fields[4] = "G" if fields[4] != "G" else "T"
+        body[5] = "\t".join(fields)
+        return header + body
+    return giab_vcf(tmp_path, edit)
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_identical_files(tmp_path, fast_model):
+    """10 seeded trials: killed anywhere (start-up, scoring, staging, assembling the files), the rerun
+    of the same command finishes with files identical to an uninterrupted run."""
+    vcf = short_vcf(tmp_path)
     command = [sys.executable, "-m", "enformer_vep", str(vcf), "--fasta", str(GIAB / "reference.fa"),
-               "--model", str(tiny_model[0]), "--device", "cpu", "--no-progress", "--checkpoint-every", "4"]
-    whole = tmp_path / "whole"
-    subprocess.run(command + ["-o", str(whole)], check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(command + ["-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list((killed / ".partial").glob("*/*.npz"))) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not list(killed.glob("*.h5"))
-    staged = len(list((killed / ".partial").glob("*/*.npz")))
-    assert 3 <= staged < 10
-    subprocess.run(command + ["-o", str(killed)], check=True, capture_output=True)
-    for name in ("edited.chr1.h5", "skipped.tsv", "run.json"):
-        assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
-    assert not (killed / ".partial").exists()
+               "--model", str(fast_model), "--device", "cpu", "--no-progress", "--checkpoint-every", "3",
+               "--percentiles"]
+    started = time.monotonic()
+    subprocess.run(command + ["-o", str(tmp_path / "whole")], check=True, capture_output=True)
+    duration = time.monotonic() - started
+    assert (tmp_path / "whole" / "skipped.tsv").read_text().count("REF mismatch") == 1
+    rng = np.random.default_rng(2026)
+    moments = []
+    for trial in range(10):
+        out = tmp_path / f"killed{trial}"
+        process = subprocess.Popen(command + ["-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 1.0) * duration)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        moments.append(len(list(out.glob(".partial/*/*.npz"))) if (out / ".partial").exists() else "no staging")
+        subprocess.run(command + ["-o", str(out)], check=True, capture_output=True)
+        for name in OUTPUT_FILES:
+            assert (tmp_path / "whole" / name).read_bytes() == (out / name).read_bytes(), (trial, name)
+        assert not (out / ".partial").exists()
+    print("staged chunks when killed:", moments)
+
+
+def test_two_cpu_workers_give_the_output_of_one(tmp_path, fast_model):
+    vcf = short_vcf(tmp_path)
+    base = [vcf, "--fasta", GIAB / "reference.fa", "--model", fast_model, "--no-progress", "--checkpoint-every", "3"]
+    assert run_cli(*base, "--device", "cpu", "-o", tmp_path / "one").exit_code == 0
+    result = run_cli(*base, "--devices", "cpu,cpu", "-o", tmp_path / "two")
+    assert result.exit_code == 0, result.output
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_device_options_are_checked(tmp_path, fast_model):
+    base = [GIAB / "input.vcf", "--fasta", GIAB / "reference.fa", "--model", fast_model, "-o", tmp_path]
+    result = run_cli(*base, "--device", "cpu", "--devices", "cpu,cpu")
+    assert result.exit_code == 2 and "not both" in result.output
+    result = run_cli(*base, "--devices", "all,cpu")
+    assert result.exit_code == 2 and "comma-separated list of devices or 'all'" in result.output
