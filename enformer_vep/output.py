@@ -50,9 +50,15 @@ def _safe(name: str) -> str:
     return safe if safe == name else f"{safe}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
+def _tmp_name(path: Path, directory: Path | None = None) -> Path:
+    """A temporary name of this process for ``path``: two processes (a rerun and a dying worker of
+    the run before) never write into the same temporary file."""
+    return (directory or path.parent) / f"{path.name}.{os.getpid()}.tmp"
+
+
 def _fsync_write(path: Path, write) -> None:
     """Write through ``write(file)`` to a temporary name, fsync, then rename: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
@@ -121,6 +127,9 @@ class RunDirectory:
             self.clear()
             (self.out / "run.json").unlink(missing_ok=True)
         self._check_previous_run()
+        for leftover in self.out.glob("*.tmp"):  # from a process killed while writing them
+            if re.fullmatch(r"(run\.json|done\.json|skipped\.tsv)\.\d+\.tmp", leftover.name):
+                leftover.unlink(missing_ok=True)
         write_json(self.out / "run.json", self.fingerprint)
 
     def _outputs(self) -> list[Path]:
@@ -294,7 +303,7 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
     and ``pieces()`` yielding row arrays), built under a temporary name in ``tmp_dir`` and renamed."""
     n, n_tracks = sum(s.size for s in sources), len(targets)
     widths = {f: max([1] + [s.widths[f] for s in sources if s.size]) for f in ("snp", "chr", "ref", "alt")}
-    tmp = tmp_dir / (path.name + ".tmp")
+    tmp = _tmp_name(path, tmp_dir)
     with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
         for key, value in sorted(attrs.items()):
             f.attrs[key] = value

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import queue
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -353,6 +354,7 @@ def _worker_main(results, options: ScoreOptions, part: Part | None, device: str,
                  out: Path, prefix: str) -> None:
     # CPU workers keep torch's default thread count: CPU sums depend on it, and must match one process's
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{device}] %(message)s", stream=sys.stderr)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         run = RunDirectory(out, prefix, {}, attach=True)
         blocks = _score_part(options, part, device, worker, workers, run,
@@ -360,6 +362,13 @@ def _worker_main(results, options: ScoreOptions, part: Part | None, device: str,
         results.put((worker, "ok", blocks))
     except Exception as error:  # noqa: BLE001 - reported to the parent, which stops the run
         results.put((worker, "error", str(error)))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker outlives a killed parent otherwise, and would race the rerun for the same blocks."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,

@@ -394,3 +394,49 @@ def test_device_options_are_checked(tmp_path, fast_model):
     assert result.exit_code == 2 and "not both" in result.output
     result = run_cli(*base, "--devices", "all,cpu")
     assert result.exit_code == 2 and "comma-separated list of devices or 'all'" in result.output
+
+
+def children(pid):
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def running(pid):
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_multi_worker_run_stops_its_workers_and_resumes_identically(tmp_path, fast_model):
+    vcf = short_vcf(tmp_path, records=60)  # long enough that the workers cannot just finish
+    base = [sys.executable, "-m", "enformer_vep", str(vcf), "--fasta", str(GIAB / "reference.fa"), "--model",
+            str(fast_model), "--no-progress", "--checkpoint-every", "3"]
+    subprocess.run(base + ["--device", "cpu", "-o", str(tmp_path / "one")], check=True, capture_output=True)
+    command = base + ["--devices", "cpu,cpu", "-o", str(tmp_path / "two")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "two").glob(".partial/*/*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [pid for pid in children(process.pid) if "enformer_vep" in open(f"/proc/{pid}/cmdline").read()
+               or "multiprocessing" in open(f"/proc/{pid}/cmdline").read()]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert workers
+    deadline = time.monotonic() + 2
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers)), "workers outlived their parent"
+    subprocess.run(command, check=True, capture_output=True)
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
