@@ -147,3 +147,14 @@ def test_merge_killed_at_random_moments_resumes_to_identical_files(runs, tmp_pat
         for name in (*OUTPUTS, "done.json"):
             assert (tmp_path / "whole" / name).read_bytes() == (out / name).read_bytes(), (trial, name)
         assert not (out / ".partial").exists()
+
+
+def test_a_shard_without_blocks_finishes_empty(tmp_path, fast_model, two_contig_vcf):
+    """37 records in 10 blocks of 4 over 20 shards: shard 2 owns none (block starts 0, 4 fall in
+    shares 1 and 3)."""
+    args = command(str(two_contig_vcf) + ".gz", fast_model, tmp_path, "--shard", "2/20")[3:]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "scored 0 variant alleles" in result.output
+    done = json.loads((tmp_path / "done.json").read_text())
+    assert done["blocks"] == [] and done["summary"]["scored"] == 0 and not list(tmp_path.glob("*.h5"))
