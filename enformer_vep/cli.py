@@ -147,6 +147,12 @@ def _stats(text: str) -> tuple[str, ...]:
                    "interrupted run redoes at most one block per contig and device) and is the unit that "
                    "--shard and --devices distribute. Shards and their single-run equivalent must use the "
                    "same value.")
+@click.option("--vcf-out", type=click.Path(dir_okay=False), metavar="PATH.vcf.gz",
+              help="Also write the VCF's records with INFO fields ENFORMER_<FAMILY>_SAD and ENFORMER_<FAMILY>_TRACK "
+                   "per assay family (CAGE, DNASE, CHIP, ATAC...: the track description before ':'): the SAD "
+                   "of the family's track of largest |SAD| for each ALT allele, and that track's identifier "
+                   "('.' for alleles not scored). bgzip-compressed, with a .tbi index. Needs SAD in --stats; "
+                   "with --shard, give it to `merge` instead.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar. Default: a bar on a terminal, a log line every 30 s otherwise.")
 def score(**kwargs):
@@ -164,6 +170,8 @@ def score(**kwargs):
     summary = score_vcf(ScoreOptions(**kwargs))
     for line in summary.lines():
         click.echo(line, err=True)
+    if kwargs["vcf_out"]:
+        click.echo(f"wrote {kwargs['vcf_out']}", err=True)
 
 
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,7 +179,9 @@ def score(**kwargs):
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
               help="Output directory for the merged PREFIX.CHROM.h5 files, skipped.tsv, run.json, done.json.")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier result in OUT_DIR.")
-def merge(shard_dirs, out_dir, overwrite):
+@click.option("--vcf-out", type=click.Path(dir_okay=False),
+              help="Also write the run's VCF annotated with the merged scores (see `score --vcf-out`).")
+def merge(shard_dirs, out_dir, overwrite, vcf_out):
     """Merge the output directories of `--shard K/N` runs into the files one run would write.
 
     Every shard 1..N of the same run (same VCF, FASTA, model and options) must be given, each
@@ -181,7 +191,7 @@ def merge(shard_dirs, out_dir, overwrite):
     """
     from .merge import merge_runs
 
-    done = merge_runs(shard_dirs, out_dir, overwrite=overwrite)
+    done = merge_runs(shard_dirs, out_dir, overwrite=overwrite, vcf_out=vcf_out)
     click.echo(f"merged {len(shard_dirs)} shards: {done['summary']['scored']} rows into "
                f"{len([f for f in done['files'] if f.endswith('.h5')])} files in {out_dir}", err=True)
 

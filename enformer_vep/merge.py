@@ -12,6 +12,7 @@ import h5py
 from .errors import InputError
 from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file, write_scores, write_skipped
 from .targets import Targets
+from .vcf_out import write_annotated_vcf
 
 PIECE_ROWS = 4096
 
@@ -63,9 +64,21 @@ class _Shard:
         return done
 
 
-def merge_runs(shard_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False) -> dict:
+def merge_runs(shard_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False,
+               vcf_out: str | None = None) -> dict:
     """Check that ``shard_dirs`` are the complete, verified shards of one run, then write the merged
-    files into ``out_dir`` (resumable: rerunning rebuilds what is unfinished). Returns ``done.json``."""
+    files into ``out_dir`` (resumable: rerunning rebuilds what is unfinished); with ``vcf_out``, also
+    the run's VCF annotated from them (see :mod:`.vcf_out`). Returns ``done.json``."""
+    done = _merge(shard_dirs, out_dir, overwrite)
+    if vcf_out:
+        fingerprint = json.loads((Path(out_dir) / "run.json").read_text())
+        files = {e["chrom"]: Path(out_dir) / name for name, e in done["files"].items() if "chrom" in e}
+        write_annotated_vcf(fingerprint["vcf"], files, vcf_out, regions=fingerprint["options"]["regions"],
+                            chroms=fingerprint["options"]["chroms"])
+    return done
+
+
+def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
     if not shard_dirs:
         raise InputError("merge needs the shards' output directories")
     shards = [_Shard(d) for d in shard_dirs]

@@ -27,6 +27,7 @@ from .scoring import STATISTICS, VariantScorer, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
 from .targets import Targets, packaged_targets, read_targets, select_tracks
 from .variants import Allele, Skip, read_variants
+from .vcf_out import write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
 from .windows import allele_windows, ref_matches
 
@@ -49,6 +50,7 @@ class ScoreOptions:
     device: str | None = None
     devices: tuple[str, ...] = ()  # several: one worker process per device; ("all",): every CUDA device
     shard: tuple[int, int] | None = None  # (K, N): score only shard K of N (1-based)
+    vcf_out: str | None = None  # the input VCF annotated with the strongest SAD per assay family
     batch_size: int | None = None  # None: auto
     precision: str | None = None  # None: fp32 on CPU, tf32 on CUDA
     stats: tuple[str, ...] = ("SAD", "SAR")
@@ -153,6 +155,10 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     if model is not None and len(devices) > 1:
         raise InputError("an in-memory model runs on one device; pass --model to use several")
     part = None
+    if options.vcf_out and options.shard:
+        raise InputError("--vcf-out annotates a whole run: give it to `enformer-score merge` instead of the shards")
+    if options.vcf_out and "SAD" not in options.stats:
+        raise InputError("--vcf-out needs SAD among --stats")
     if options.shard:
         layout = record_layout(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
         part = shard_part(layout, options.checkpoint_every, *options.shard)
@@ -201,6 +207,8 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         if part is None:
             raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
         log.warning("shard %d/%d scored no variant (%s)", part.shard, part.shards, detail)
+    if options.vcf_out:  # rebuilt on every run: cheap, and never stale
+        write_annotated_vcf(options.vcf, summary.files, options.vcf_out, regions=options.regions, chroms=options.chroms)
     return summary
 
 

@@ -120,29 +120,39 @@ def read_variants(path, fasta_contigs: Collection[str], *, regions: Sequence[str
     record raises :class:`InputError` when the stream reaches it.
     """
     path = os.fspath(path)
-    if isinstance(regions, str):
-        regions = (regions,)
-    if isinstance(chroms, str):
-        chroms = (chroms,)
-    spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
     fasta_names = list(fasta_contigs)
     fasta = frozenset(fasta_names)
-    vcf = _open(path)
+    vcf, records = open_records(path, regions=regions, chroms=chroms)
     try:
         # For an indexed VCF.gz whose header declares no contigs, htslib takes them from the index.
         header_contigs = [rec.info()["ID"] for rec in vcf.header_iter() if rec.type == "CONTIG"]
         if header_contigs and not any(resolve_contig(name, fasta) for name in header_contigs):
             raise InputError(_no_match_message(header_contigs, fasta_names))
-        if spans:
-            _check_indexed(path)
-            records = _query(vcf, _merge(spans, vcf.seqnames, path))
-        else:
-            records = iter(vcf)
     except BaseException:
         vcf.close()
         raise
     check = None if header_contigs else fasta_names
     return _alleles(vcf, records, fasta, pass_only, check_contigs=check, path=path)
+
+
+def open_records(path, *, regions: Sequence[str] = (), chroms: Sequence[str] = ()) -> tuple[VCF, Iterator]:
+    """The open file and its cyvcf2 records: all in file order, or those whose POS lies in
+    ``regions``/``chroms`` (through the index, overlaps merged, in VCF order)."""
+    path = os.fspath(path)
+    if isinstance(regions, str):
+        regions = (regions,)
+    if isinstance(chroms, str):
+        chroms = (chroms,)
+    spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
+    vcf = _open(path)
+    try:
+        if spans:
+            _check_indexed(path)
+            return vcf, _query(vcf, _merge(spans, vcf.seqnames, path))
+        return vcf, iter(vcf)
+    except BaseException:
+        vcf.close()
+        raise
 
 
 def _open(path: str) -> VCF:

@@ -158,3 +158,17 @@ def test_a_shard_without_blocks_finishes_empty(tmp_path, fast_model, two_contig_
     assert "scored 0 variant alleles" in result.output
     done = json.loads((tmp_path / "done.json").read_text())
     assert done["blocks"] == [] and done["summary"]["scored"] == 0 and not list(tmp_path.glob("*.h5"))
+
+
+def test_merge_writes_the_annotated_vcf_of_the_whole_run(runs, tmp_path, two_contig_vcf):
+    import gzip
+
+    from enformer_vep.vcf_out import write_annotated_vcf
+
+    result = merge(*(runs / f"gz{k}" for k in (1, 2, 3)), "-o", tmp_path / "m", "--vcf-out", tmp_path / "m.vcf.gz")
+    assert result.exit_code == 0, result.output
+    write_annotated_vcf(str(two_contig_vcf) + ".gz", {"chr1": runs / "whole" / "two_contigs.chr1.h5"},
+                        tmp_path / "whole.vcf.gz")
+    merged = gzip.decompress((tmp_path / "m.vcf.gz").read_bytes())
+    assert merged == gzip.decompress((tmp_path / "whole.vcf.gz").read_bytes())
+    assert merged.count(b"ENFORMER_CAGE_SAD=") == 30 and (tmp_path / "m.vcf.gz.tbi").is_file()

@@ -1,0 +1,95 @@
+"""`--vcf-out`: the scored VCF reads back with cyvcf2, every ALT allele carrying the strongest SAD
+of each assay family, computed here independently from the HDF5 file."""
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from cyvcf2 import VCF
+from helpers import DATA
+
+from enformer_vep.cli import cli
+from enformer_vep.vcf_out import assay_families
+
+GIAB = DATA / "grch38_chr1_giab_hg002"
+
+
+def test_assay_families_from_track_descriptions():
+    labels = ["CAGE:liver", "DNASE:x", "CHIP:H3K4me3:y", "CAGE:brain", "no colon", "ATAC-seq:z"]
+    families = assay_families(labels)
+    assert list(families) == ["CAGE", "DNASE", "CHIP", "OTHER", "ATAC_SEQ"]
+    assert families["CAGE"].tolist() == [0, 3] and families["OTHER"].tolist() == [4]
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, fast_model):
+    """12 GIAB records, the 4th made multi-allelic with a symbolic second ALT (not scored), then a
+    record on chr2 (not in the FASTA: not scored)."""
+    tmp = tmp_path_factory.mktemp("vcf_out")
+    lines = (GIAB / "input.vcf").read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    body = [line for line in lines if not line.startswith("#")][:12]
+    fields = body[3].split("\t")
+    fields[4] += ",<DEL>"
+    fields[9] = "1/2" + fields[9][3:]
+    body[3] = "\t".join(fields)
+    body.append("chr2\t5000\tnot_here\tA\tG\t50\tPASS\t.\tGT\t0/1\n")
+    vcf = tmp / "in.vcf"
+    vcf.write_text("".join(header + body))
+    result = CliRunner().invoke(cli, [str(vcf), "--fasta", str(GIAB / "reference.fa"), "--model", str(fast_model),
+                                      "--device", "cpu", "--no-progress", "-o", str(tmp / "out"),
+                                      "--vcf-out", str(tmp / "annotated.vcf.gz")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return tmp
+
+
+def test_annotated_vcf_has_the_strongest_sad_per_family(annotated):
+    with h5py.File(annotated / "out" / "in.chr1.h5", "r") as f:
+        sad = f["SAD"][:].astype(np.float32)
+        ids = [t.decode() for t in f["target_ids"][:]]
+        labels = [t.decode() for t in f["target_labels"][:]]
+        keys = list(zip(f["pos"][:].tolist(), (a.decode() for a in f["alt"][:])))
+    want = {}
+    for row, key in enumerate(keys):  # a plain loop over every track
+        best = {}
+        for column, label in enumerate(labels):
+            family = label.split(":")[0].upper().replace("-", "_")
+            if family not in best or abs(sad[row, column]) > abs(sad[row, best[family]]):
+                best[family] = column
+        want[key] = {family: (sad[row, c], ids[c]) for family, c in best.items()}
+    assert {"CAGE", "DNASE", "CHIP", "ATAC"} <= set(next(iter(want.values())))
+
+    records = list(VCF(str(annotated / "annotated.vcf.gz")))
+    assert len(records) == 13 and len(want) == 12
+    for rec in records[:12]:
+        for family in ("CAGE", "DNASE", "CHIP", "ATAC"):
+            values = rec.INFO.get(f"ENFORMER_{family}_SAD")
+            tracks = rec.INFO.get(f"ENFORMER_{family}_TRACK")
+            values = values if isinstance(values, tuple) else (values,)
+            tracks = tracks.split(",") if isinstance(tracks, str) else list(tracks)
+            assert len(values) == len(rec.ALT) == len(tracks)
+            for alt, value, track in zip(rec.ALT, values, tracks):
+                if alt == "<DEL>":
+                    assert value is None and track == "."
+                    continue
+                expected, expected_track = want[(rec.POS, alt)][family]
+                assert track == expected_track
+                assert value == pytest.approx(float(expected), rel=1e-3, abs=1e-9)
+    assert records[12].CHROM == "chr2" and records[12].INFO.get("ENFORMER_CAGE_SAD") is None
+    header = VCF(str(annotated / "annotated.vcf.gz")).raw_header
+    assert '##INFO=<ID=ENFORMER_CAGE_SAD,Number=A,Type=Float' in header
+
+
+def test_annotated_vcf_is_indexed(annotated):
+    vcf = VCF(str(annotated / "annotated.vcf.gz"))
+    positions = [rec.POS for rec in vcf("chr1:700000-900000")]
+    all_positions = [rec.POS for rec in VCF(str(annotated / "annotated.vcf.gz")) if rec.CHROM == "chr1"]
+    assert positions == [p for p in all_positions if 700000 <= p <= 900000] and positions
+
+
+def test_vcf_out_needs_sad_and_no_shard(tmp_path, fast_model):
+    base = [str(GIAB / "input.vcf.gz"), "--fasta", str(GIAB / "reference.fa"), "--model", str(fast_model),
+            "--device", "cpu", "-o", str(tmp_path), "--vcf-out", str(tmp_path / "a.vcf.gz")]
+    result = CliRunner().invoke(cli, base + ["--stats", "SAR"])
+    assert result.exit_code == 1 and "--vcf-out needs SAD" in result.output
+    result = CliRunner().invoke(cli, base + ["--shard", "1/2"])
+    assert result.exit_code == 1 and "give it to `enformer-score merge`" in result.output
