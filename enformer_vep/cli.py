@@ -122,6 +122,12 @@ def _stats(text: str) -> tuple[str, ...]:
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
               help="Trunk arithmetic: fp32, tf32 (TF32 matmuls, CUDA) or bf16 (autocast). The output heads "
                    "and statistics are always float32. Default: fp32 on CPU, tf32 on CUDA.")
+@click.option("--reuse/--no-reuse", default=None,
+              help="Reference-trunk reuse: for an SNV or MNP, compute the conv tower once for the reference "
+                   "and recompute only the few positions the change reaches (about 1.5-2x faster). Equal to "
+                   "two full passes up to float rounding, but that rounding differs from two passes', which "
+                   "shows on effects near float32 noise. Default: on with CUDA (where TF32/bf16 rounding is "
+                   "larger anyway), off on CPU (two full passes, as the reference computation).")
 @click.option("--stats", default="SAD,SAR", show_default=True, callback=lambda c, p, v: _stats(v),
               help="Comma-separated statistics: SAD, SAR, SADR, SAX, D1, D2 (formulas in README).")
 @click.option("--rc", is_flag=True, help="Average forward and reverse-complement predictions (bins flipped back).")

@@ -53,6 +53,7 @@ class ScoreOptions:
     vcf_out: str | None = None  # the input VCF annotated with the strongest SAD per assay family
     batch_size: int | None = None  # None: auto
     precision: str | None = None  # None: fp32 on CPU, tf32 on CUDA
+    reuse: bool | None = None  # reference-trunk reuse for SNV/MNP; None: on CUDA only
     stats: tuple[str, ...] = ("SAD", "SAR")
     rc: bool = False
     shifts: tuple[int, ...] = (0,)
@@ -66,7 +67,7 @@ class ScoreOptions:
 
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
-        keep = ("regions", "chroms", "pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks",
+        keep = ("regions", "chroms", "pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse",
                 "organism", "targets", "percentiles", "checkpoint_every", "prefix")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
@@ -174,6 +175,8 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     targets = _targets(options, model.config.heads)
     tracks = select_tracks(options.tracks, targets)
     precision = options.precision or default_precision(torch.device(devices[0]))
+    if options.reuse is None:
+        options = dataclasses.replace(options, reuse=torch.device(devices[0]).type == "cuda")
     settings = options.output_settings() | {"prefix": options.prefix or _default_prefix(options.vcf),
                                             "precision": precision}
     provenance = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
@@ -252,7 +255,7 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
     tracks = select_tracks(options.tracks, _targets(options, model.config.heads))
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
-                           precision=options.precision)
+                           precision=options.precision, reuse=options.reuse)
     if part is not None:
         total = part.records
     else:
