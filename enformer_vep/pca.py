@@ -1,0 +1,319 @@
+"""Principal components of variant scores over tracks, as tabix-indexed tables (`enformer-score pca`).
+
+The official Enformer release publishes the top 20 principal components of its variants' SAD
+scores. :func:`fit_pca` finds them in one streaming pass over a run's chromosome files (the
+per-track sum and ``X^T X`` accumulated in float64 over row blocks, then the eigenvectors of the
+covariance); :func:`write_pc_tables` writes each variant's coordinates on them,
+``OUT/PREFIX.CHROM.pc.tsv.gz`` (bgzip + ``.tbi``). Memory is bounded by one row block and a
+``[T, T]`` float64 matrix (226 MB for the 5313 human tracks), whatever the number of variants.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+from .output import DONE, ROW_FIELDS, sha256_file
+from .tabix import bgzip_and_index
+
+BLOCK_BYTES = 1 << 26  # float64 bytes of one row block, whatever the track count
+VALUE_FORMAT = "%.6g"
+TRANSFORM_NAME = "pca.npz"
+TABLE_COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT")
+
+
+def _block_rows(tracks: int) -> int:
+    # whole 64-row HDF5 chunks, so that no chunk is decompressed twice
+    return max(64, BLOCK_BYTES // (8 * max(tracks, 1)) // 64 * 64)
+
+
+@dataclasses.dataclass
+class PcaTransform:
+    """Principal components of the statistic ``stat`` over the tracks ``target_ids`` [T]:
+    ``mean`` [T], ``components`` [k, T] (unit rows by decreasing variance, each with its
+    largest-|loading| entry positive), ``explained_variance`` [k] (covariance eigenvalues, divisor
+    rows - 1) and ``explained_variance_ratio`` [k] (share of the total variance); fitted on ``rows``
+    variants. All arrays float64."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    target_ids: list[str]
+    stat: str = "SAD"
+    rows: int = 0
+
+    def apply(self, X) -> np.ndarray:
+        """Coordinates ``[n, k]`` float64 of the rows of ``X`` [n, T]: ``(X - mean) @ components.T``."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.mean):
+            raise InputError(f"the PCA transform takes {len(self.mean)} tracks, not an array of shape {X.shape}")
+        return (X - self.mean) @ self.components.T
+
+    def check_tracks(self, target_ids: Sequence[str], source: str | Path) -> None:
+        """Refuse scores of other tracks than those the transform was fitted on."""
+        if list(target_ids) != self.target_ids:
+            differ = next((i for i, (a, b) in enumerate(zip(target_ids, self.target_ids)) if a != b),
+                          min(len(target_ids), len(self.target_ids)))
+            raise InputError(f"{source} scores other tracks than the PCA transform was fitted on "
+                             f"({len(target_ids)} vs {len(self.target_ids)} tracks, "
+                             f"first difference at track {differ})")
+
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` (no pickles) atomically: temporary name, fsync, rename."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, mean=self.mean, components=self.components, explained_variance=self.explained_variance,
+                     explained_variance_ratio=self.explained_variance_ratio,
+                     target_ids=np.array(self.target_ids, dtype=str), stat=np.array(self.stat),
+                     rows=np.int64(self.rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PcaTransform:
+        """Read a file written by :meth:`save`; InputError when it is missing or is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no PCA transform file {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                transform = cls(z["mean"], z["components"], z["explained_variance"], z["explained_variance_ratio"],
+                                z["target_ids"].tolist(), str(z["stat"]), int(z["rows"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile):
+            raise InputError(f"{path} is not a PCA transform written by `enformer-score pca` "
+                             f"(unreadable or truncated)") from None
+        k, tracks = transform.components.shape if transform.components.ndim == 2 else (-1, -1)
+        if not (transform.mean.shape == (tracks,) == (len(transform.target_ids),)
+                and transform.explained_variance.shape == transform.explained_variance_ratio.shape == (k,)):
+            raise InputError(f"{path} is not a PCA transform written by `enformer-score pca` (inconsistent shapes)")
+        return transform
+
+
+def scored_files(scores_dir: str | Path) -> dict[Path, int]:
+    """The chromosome files of a finished scoring run (or shard, or merge) with their row counts, from
+    its ``done.json``, each checked against its SHA-256 there. A directory without one is unfinished."""
+    directory = Path(scores_dir)
+    if not directory.is_dir():
+        raise InputError(f"{directory} is not a directory")
+    record = directory / DONE
+    if not record.is_file():
+        raise InputError(f"{directory} is an unfinished run (no {DONE}): rerun its enformer-score command to finish it")
+    try:
+        listed = {name: (int(entry["rows"]), entry["sha256"])
+                  for name, entry in json.loads(record.read_text())["files"].items() if name.endswith(".h5")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{record} is unreadable: rerun its enformer-score command") from None
+    files = {}
+    for name, (rows, digest) in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise InputError(f"{directory} lacks {name}, listed in its {DONE}: rerun its enformer-score command")
+        if sha256_file(path) != digest:
+            raise InputError(f"{path} differs from its checksum in {DONE} (torn or altered): "
+                             f"rerun its enformer-score command with --overwrite")
+        files[path] = rows
+    if not files:
+        raise InputError(f"{directory} holds no scored variants (its {DONE} lists no .h5 file)")
+    return files
+
+
+def _statistics(f: h5py.File) -> list[str]:
+    return [k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 2 and not k.endswith("_pct")]
+
+
+def _describe(paths: Sequence[Path], stat: str) -> tuple[list[int], list[str]]:
+    """Rows of each file and their common target_ids; InputError for a file that cannot be used."""
+    sizes, ids, first = [], None, None
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as f:
+                if stat not in f:
+                    raise InputError(f"{path} has no {stat} statistic (choose one it has: "
+                                     f"{', '.join(_statistics(f)) or 'none'})")
+                if "target_ids" not in f or any(field not in f for field in ROW_FIELDS):
+                    raise InputError(f"{path} is not an enformer-score output file (it lacks target_ids or row fields)")
+                shape, file_ids = f[stat].shape, [t.decode() for t in f["target_ids"][:]]
+        except OSError as error:
+            raise InputError(f"cannot read {path} as HDF5: {error}") from None
+        if len(shape) != 2 or shape[1] != len(file_ids):
+            raise InputError(f"{path}: {stat} has shape {shape}, not [rows, {len(file_ids)} tracks]")
+        if ids is None:
+            ids, first = file_ids, path
+        elif file_ids != ids:
+            raise InputError(f"{path} and {first} score different tracks (their target_ids differ)")
+        sizes.append(shape[0])
+    return sizes, ids
+
+
+def _row_blocks(path: Path, stat: str, block_rows: int,
+                fields: Sequence[str] = ()) -> Iterator[tuple[int, np.ndarray, dict]]:
+    """(first row, statistic [n, T] float64, {field: [n]}) for consecutive blocks of ``block_rows`` rows."""
+    with h5py.File(path, "r") as f:
+        data = f[stat]
+        for start in range(0, data.shape[0], block_rows):
+            yield (start, data[start:start + block_rows].astype(np.float64),
+                   {name: f[name][start:start + block_rows] for name in fields})
+
+
+def fit_pca(h5_paths: Iterable[str | Path], components: int = 20, stat: str = "SAD",
+            max_rows: int | None = None) -> PcaTransform:
+    """Principal components of ``stat`` [rows, T] over the rows of all ``h5_paths`` (chromosome files).
+
+    ``max_rows``: fit on that many rows only, evenly spaced over all the files' rows in order
+    (global rows ``i * total // max_rows``), so every chromosome contributes.
+    """
+    paths = [Path(p) for p in h5_paths]
+    if not paths:
+        raise InputError("no score files to fit principal components on")
+    sizes, ids = _describe(paths, stat)
+    total, tracks = sum(sizes), len(ids)
+    rows = total if max_rows is None else min(total, max_rows)
+    if rows < 2:
+        raise InputError(f"principal components need at least 2 variants; {rows} given")
+    if not 1 <= components <= min(rows - 1, tracks):
+        raise InputError(f"the number of components must be between 1 and {min(rows - 1, tracks)} "
+                         f"(variants - 1 = {rows - 1}, tracks = {tracks}), not {components}")
+    keep = None if rows == total else np.arange(rows, dtype=np.int64) * total // rows
+    shift, sums, gram, offset = None, np.zeros(tracks), np.zeros((tracks, tracks)), 0
+    for path, size in zip(paths, sizes):
+        for start, block, _ in _row_blocks(path, stat, _block_rows(tracks)):
+            if keep is not None:
+                lo, hi = np.searchsorted(keep, [offset + start, offset + start + len(block)])
+                block = block[keep[lo:hi] - offset - start]
+            if not len(block):
+                continue
+            if shift is None:
+                # sums of squares about a point near the mean: no cancellation when |mean| >> spread
+                shift = block.mean(0)
+            block -= shift
+            sums += block.sum(0)
+            gram += block.T @ block
+        offset += size
+    centre = sums / rows
+    covariance = (gram - rows * np.outer(centre, centre)) / (rows - 1)
+    if not np.isfinite(covariance).all():
+        raise InputError(f"the {stat} values hold NaN or infinity: principal components are undefined")
+    total_variance = np.trace(covariance)
+    if total_variance <= 0:
+        raise InputError(f"{stat} is the same for every variant: there are no principal components")
+    values, vectors = np.linalg.eigh(covariance)  # ascending
+    values, vectors = values[::-1][:components], vectors[:, ::-1][:, :components].T.copy()
+    largest = np.abs(vectors).argmax(1)
+    vectors *= np.sign(vectors[np.arange(components), largest])[:, None]
+    return PcaTransform(shift + centre, vectors, values, values / total_variance, ids, stat, rows)
+
+
+def _output_directory(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create output directory {out}: {error.strerror or error}") from None
+    return out
+
+
+def _table_name(path: Path) -> str:
+    return (path.name[:-3] if path.name.endswith(".h5") else path.name) + ".pc.tsv.gz"
+
+
+def write_pc_tables(scores: str | Path | Iterable[str | Path], transform: PcaTransform,
+                    out_dir: str | Path) -> list[Path]:
+    """For each chromosome file ``PREFIX.CHROM.h5`` of ``scores`` (a finished run's directory, checked
+    as in :func:`scored_files`, or the files themselves), ``out_dir/PREFIX.CHROM.pc.tsv.gz`` with its
+    ``.tbi``: columns ``#CHROM POS ID REF ALT PC0 .. PC{k-1}`` (values ``%.6g``), one line per row in
+    file order (VCF order), stably sorted by position where the file is not. Returns the tables."""
+    if isinstance(scores, (str, os.PathLike)):
+        paths = list(scored_files(scores)) if Path(scores).is_dir() else [Path(scores)]
+    else:
+        paths = [Path(p) for p in scores]
+    _, ids = _describe(paths, transform.stat)
+    transform.check_tracks(ids, paths[0])
+    names = [_table_name(p) for p in paths]
+    if len(set(names)) < len(names):
+        raise InputError("two score files have the same name: their tables would overwrite each other")
+    out = _output_directory(out_dir)
+    return [_write_table(path, transform, out / name) for path, name in zip(paths, names)]
+
+
+def _write_table(path: Path, transform: PcaTransform, dest: Path) -> Path:
+    """One table: lines are written in file order to a plain temporary file (one streaming pass);
+    only if the positions are out of order is a sorted copy made from the line offsets."""
+    k = len(transform.components)
+    line = "%s\t%d\t%s\t%s\t%s" + ("\t" + VALUE_FORMAT) * k + "\n"
+    plain = dest.with_name(f"{dest.name}.{os.getpid()}.plain.tmp")
+    ordered = dest.with_name(f"{dest.name}.{os.getpid()}.sorted.tmp")
+    keys, starts, contigs = [], [], {}
+    try:
+        with open(plain, "wb") as f:
+            f.write(("\t".join(TABLE_COLUMNS + tuple(f"PC{i}" for i in range(k))) + "\n").encode())
+            for _, block, rows in _row_blocks(path, transform.stat, _block_rows(len(transform.mean)), ROW_FIELDS):
+                text = [v.tolist() for v in (np.char.decode(rows[name]) for name in ("chr", "snp", "ref", "alt"))]
+                pos = rows["pos"].astype(np.int64)
+                coords = transform.apply(block).tolist()
+                lines = [(line % (c, p, i, r, a, *values)).encode()
+                         for c, p, i, r, a, values in zip(text[0], pos.tolist(), *text[1:], coords)]
+                # tabix wants each contig's lines together: contigs keep their order of first appearance
+                codes = np.array([contigs.setdefault(c, len(contigs)) for c in text[0]], dtype=np.int64)
+                keys.append(codes << 32 | pos)
+                starts.append(f.tell() + np.cumsum([0] + [len(b) for b in lines[:-1]], dtype=np.int64))
+                f.writelines(lines)
+            end = f.tell()
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        if (np.diff(keys) < 0).any():
+            starts = np.concatenate(starts).tolist()
+            stops = starts[1:] + [end]
+            with open(plain, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as lines, \
+                    open(ordered, "wb") as dst:
+                dst.write(lines[:starts[0]])
+                for row in np.argsort(keys, kind="stable").tolist():
+                    dst.write(lines[starts[row]:stops[row]])
+            os.replace(ordered, plain)
+        return bgzip_and_index(plain, dest, seq_col=0, start_col=1, end_col=1)
+    finally:
+        plain.unlink(missing_ok=True)
+        ordered.unlink(missing_ok=True)
+
+
+def run_pca(scores_dir: str | Path, out_dir: str | Path, *, components: int | None = None, stat: str | None = None,
+            transform_path: str | Path | None = None, max_rows: int | None = None) -> dict:
+    """The ``enformer-score pca SCORES_DIR -o OUT`` job. Without ``transform_path``: fit ``components``
+    (default 20) principal components of ``stat`` (default SAD) on every variant of the finished run
+    SCORES_DIR (or ``max_rows`` of them) and save them as ``OUT/pca.npz``; with it: load that fitted
+    transform (its statistic; its first ``components``, default all) instead. Then write the tables
+    (:func:`write_pc_tables`). Returns a summary: ``rows``, ``files``, ``components``, ``stat``,
+    ``explained_variance_ratio``, ``transform`` (its path) and ``fitted``."""
+    files, fitted = scored_files(scores_dir), transform_path is None
+    out = _output_directory(out_dir)
+    if fitted:
+        transform = fit_pca(files, 20 if components is None else components, stat or "SAD", max_rows)
+        transform_path = transform.save(out / TRANSFORM_NAME)
+    else:
+        if max_rows is not None:
+            raise InputError("max_rows chooses the variants to fit on: it cannot go with a fitted transform")
+        transform = PcaTransform.load(transform_path)
+        if stat is not None and stat != transform.stat:
+            raise InputError(f"{transform_path} holds principal components of {transform.stat}, not of {stat}")
+        if components is not None:
+            if not 1 <= components <= len(transform.components):
+                raise InputError(f"{transform_path} holds {len(transform.components)} components, "
+                                 f"so between 1 and that many can be used, not {components}")
+            transform = dataclasses.replace(
+                transform, components=transform.components[:components],
+                explained_variance=transform.explained_variance[:components],
+                explained_variance_ratio=transform.explained_variance_ratio[:components])
+    tables = write_pc_tables(list(files), transform, out)
+    return {"rows": sum(files.values()), "files": [str(t) for t in tables], "components": len(transform.components),
+            "stat": transform.stat, "explained_variance_ratio": transform.explained_variance_ratio.tolist(),
+            "transform": str(transform_path), "fitted": fitted}
