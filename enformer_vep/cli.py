@@ -202,6 +202,102 @@ def merge(shard_dirs, out_dir, overwrite, vcf_out):
                f"{len([f for f in done['files'] if f.endswith('.h5')])} files in {out_dir}", err=True)
 
 
+def _model_options(command):
+    """--model, --device, --organism, --targets, --tracks, shared by the model commands."""
+    for option in reversed([
+        click.option("--model", metavar="SOURCE", help="Weights (as for scoring). Default: $ENFORMER_VEP_MODEL, "
+                                                       "else the official TF-Hub Enformer."),
+        click.option("--device", help="Torch device. Default: cuda when available, else cpu."),
+        click.option("--organism", type=click.Choice(["human", "mouse"]), default="human", show_default=True,
+                     help="Output head."),
+        click.option("--targets", type=click.Path(dir_okay=False, exists=True),
+                     help="Track table for a model with other heads (default: the released tables)."),
+        click.option("--tracks", metavar="SPEC", help="Tracks: indices and ranges (0-9,15) or a regular expression "
+                                                      "searched in the descriptions ('^CAGE:.*liver')."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _choice(kwargs):
+    from .jobs import ModelChoice
+    return ModelChoice(**{k: kwargs.pop(k) for k in ("model", "device", "organism", "targets", "tracks")})
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("regions", metavar="REGION|BED")
+@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
+@_model_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Regions per pass.")
+@click.option("--bigwig", "bigwig_dir", type=click.Path(file_okay=False),
+              help="Also write one bigWig per track into this directory (needs pyBigWig; regions' bins must "
+                   "not overlap).")
+def predict(regions, fasta, out, bigwig_dir, batch_size, **kwargs):
+    """Predict the 896 bins of the chosen tracks for each region.
+
+    REGION is CHR:START-END (1-based, inclusive) or a BED file (0-based, half-open, optional name
+    column). The 393,216-bp window is centred on each region; the bins cover its central
+    114,688 bp (a longer region gets a warning). The HDF5 file holds chrom, start, end, name
+    [R], bin_start [R, 896] (0-based genome start of each 128-bp bin), predictions
+    [R, 896, T] float32, target_ids and target_labels [T].
+    """
+    from .jobs import predict_job
+
+    n = predict_job(regions, fasta, out, _choice(kwargs), batch_size=batch_size, bigwig_dir=bigwig_dir)
+    click.echo(f"wrote {out}: {n} regions" + (f"; bigWigs in {bigwig_dir}" if bigwig_dir else ""), err=True)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("region", metavar="REGION")
+@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@click.option("-o", "--out", "prefix", required=True, help="Output prefix: PREFIX.bedGraph and PREFIX.h5.")
+@_model_options
+@click.option("--bins", metavar="SPEC", help="Output bins of the objective: indices and ranges of 0..895. "
+                                             "Default: the central three, 447-449.")
+def contrib(region, fasta, prefix, bins, **kwargs):
+    """Gradient x input contribution scores for the window centred on REGION.
+
+    As in the official notebook: the objective is the mean of the chosen --tracks (required)
+    over the chosen --bins; each base's score is the gradient of the objective with respect to
+    the one-hot input, times the input, summed over A, C, G, T (so N scores 0). Scores cover the
+    196,608 bp the model reads. PREFIX.bedGraph: one line per base (N left out); PREFIX.h5:
+    position [L] int64, contribution [L] float32, sequence [L] S1, attributes with the settings.
+    """
+    from .jobs import contrib_job
+
+    bedgraph, h5, targets = contrib_job(region, fasta, prefix, _choice(kwargs), bins=bins)
+    click.echo(f"wrote {bedgraph} and {h5} ({len(targets)} tracks)", err=True)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("scores_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: pca.npz (when fitted) and PREFIX.CHROM.pc.tsv.gz (+ .tbi) per chromosome.")
+@click.option("--components", type=click.IntRange(min=1),
+              help="Principal components (default 20; with --transform: its first N, default all).")
+@click.option("--stat", help="Statistic to decompose (default SAD; with --transform: the transform's).")
+@click.option("--transform", "transform_path", type=click.Path(dir_okay=False, exists=True),
+              help="Apply this saved pca.npz instead of fitting one (e.g. the transform of a reference set).")
+@click.option("--max-rows", type=click.IntRange(min=2),
+              help="Fit on this many evenly spaced variants instead of all (large runs).")
+def pca(scores_dir, out_dir, components, stat, transform_path, max_rows):
+    """Principal components of variant scores over tracks, as tabix-indexed tables.
+
+    Fits a PCA of SAD (centred per track) over every variant of the finished run SCORES_DIR,
+    saves it as OUT/pca.npz (mean, components, explained variance, track ids), and writes per
+    chromosome a bgzip-compressed, tabix-indexed TSV with the columns #CHROM POS ID REF ALT
+    PC0..PC19 (PCk = (SAD - mean) . component k; each component's largest loading positive).
+    """
+    from .pca import run_pca
+
+    summary = run_pca(scores_dir, out_dir, components=components, stat=stat, transform_path=transform_path,
+                      max_rows=max_rows)
+    explained = sum(summary["explained_variance_ratio"])
+    click.echo(f"wrote {len(summary['files'])} tables, {summary['rows']} variants, PC0..PC{summary['components'] - 1}"
+               f" of {summary['stat']} explaining {explained:.1%} of its variance", err=True)
+
+
 @cli.command()
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False))

@@ -25,7 +25,7 @@ from .genome import Genome, GenomeBlocks
 from .output import RunDirectory
 from .scoring import STATISTICS, VariantScorer, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
-from .targets import Targets, packaged_targets, read_targets, select_tracks
+from .targets import head_targets, select_tracks
 from .variants import Allele, Skip, read_variants
 from .vcf_out import write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
@@ -172,7 +172,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     else:
         source, model_sha256 = "<in-memory model>", _model_digest(model)
         model = model.to(devices[0])
-    targets = _targets(options, model.config.heads)
+    targets = head_targets(options.organism, model.config.heads, options.targets)
     tracks = select_tracks(options.tracks, targets)
     precision = options.precision or default_precision(torch.device(devices[0]))
     if options.reuse is None:
@@ -215,17 +215,6 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     return summary
 
 
-def _targets(options: ScoreOptions, heads: dict[str, int]) -> Targets:
-    """The track table of the scored head, checked against the head's size."""
-    if options.organism not in heads:
-        raise InputError(f"the model has no {options.organism!r} head (it has {', '.join(heads)})")
-    targets = read_targets(options.targets) if options.targets else packaged_targets(options.organism)
-    if len(targets) != heads[options.organism]:
-        raise InputError(f"the model's {options.organism} head has {heads[options.organism]} tracks but the track "
-                         f"table has {len(targets)}: pass the matching table with --targets")
-    return targets
-
-
 def _checked(item: Allele | Skip, genome: Genome, policy: str) -> tuple[Allele | Skip, bool]:
     """Apply ``--ref-mismatch`` to an allele: (the allele or its Skip, whether REF mismatched)."""
     if isinstance(item, Skip):
@@ -252,7 +241,7 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
                              pass_only=options.pass_only)
     if model is None:
         model = load_model(options.model or default_model_source(), device=device)
-    tracks = select_tracks(options.tracks, _targets(options, model.config.heads))
+    tracks = select_tracks(options.tracks, head_targets(options.organism, model.config.heads, options.targets))
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
                            precision=options.precision, reuse=options.reuse)

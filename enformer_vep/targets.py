@@ -42,6 +42,18 @@ def packaged_targets(organism: str) -> Targets:
         return read_targets(path)
 
 
+def head_targets(organism: str, heads: dict[str, int], path: str | Path | None = None) -> Targets:
+    """The track table of head ``organism`` (``path``, else the released one), checked against the
+    head's size in ``heads`` (``{name: tracks}``)."""
+    if organism not in heads:
+        raise InputError(f"the model has no {organism!r} head (it has {', '.join(heads)})")
+    targets = read_targets(path) if path else packaged_targets(organism)
+    if len(targets) != heads[organism]:
+        raise InputError(f"the model's {organism} head has {heads[organism]} tracks but the track "
+                         f"table has {len(targets)}: pass the matching table with --targets")
+    return targets
+
+
 def select_tracks(spec: str | None, targets: Targets) -> np.ndarray:
     """Column indices chosen by ``--tracks``: ``None`` = all; ``0-9,15`` = indices and inclusive
     ranges; anything else is a regular expression searched in each description."""

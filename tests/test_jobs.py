@@ -1,0 +1,80 @@
+"""`enformer-score predict` and `contrib` from the command line, checked by value: predictions
+against direct model calls, contributions against the official implementation's gradient."""
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import DATA, relative_error
+from test_contrib import FLANK, official_genome  # noqa: F401 (a fixture)
+from test_predict import BED_LINES, CENTRES, independent_window
+
+from enformer_vep.cli import cli
+from enformer_vep.jobs import parse_bins
+from enformer_vep.weights import load_model
+
+FASTA = DATA / "grch38_chr1_giab_hg002" / "reference.fa"
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_predict_command_writes_the_model_predictions(tmp_path, fast_model):
+    bed = tmp_path / "regions.bed"
+    bed.write_text("\n".join(BED_LINES[:2]) + "\n")
+    result = run("predict", bed, "--fasta", FASTA, "--model", fast_model, "--device", "cpu", "--tracks", "^CAGE:",
+                 "-o", tmp_path / "p.h5", "--bigwig", tmp_path / "bw")
+    assert result.exit_code == 0, result.output
+    model = load_model(fast_model)
+    labels = [line.split("\t")[7] for line in open("enformer_vep/data/targets_human.txt").read().splitlines()[1:]]
+    cage = [i for i, label in enumerate(labels) if label.startswith("CAGE:")]
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert f["predictions"].shape == (2, 896, len(cage)) and len(cage) == 638
+        assert [t.decode() for t in f["target_labels"][:]] == [labels[i] for i in cage]
+        for i, centre in enumerate(CENTRES[:2]):
+            with torch.inference_mode():
+                want = model.predict(torch.from_numpy(independent_window(centre))[None])["human"][0][:, cage]
+            assert relative_error(f["predictions"][i], want.numpy()) <= 1e-5
+            assert f["bin_start"][i, 0] == centre - 57_344
+    assert len(list((tmp_path / "bw").glob("*.bw"))) == 638
+
+
+def test_contrib_command_matches_the_official_gradient(tmp_path, official_genome, official_bundle_dir,  # noqa: F811
+                                                       official_inputs, official_outputs):
+    model = tmp_path / "official.safetensors"
+    assert run("convert", official_bundle_dir, model).exit_code == 0
+    centre = FLANK + 98_304
+    fasta = official_genome.path
+    result = run("contrib", f"chrZ:{centre - 9}-{centre + 10}", "--fasta", fasta, "--model", model, "--device", "cpu",
+                 "--tracks", "0", "--bins", "443-452", "-o", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    reference = (official_outputs["grad"] * official_inputs[0]).sum(-1)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        np.testing.assert_array_equal(f["position"][:], FLANK + np.arange(196_608))
+        scores = f["contribution"][:]
+        assert f.attrs["bins"].tolist() == list(range(443, 453))
+    assert relative_error(scores * 10, reference) <= 1e-4  # mean over 10 bins vs the official sum
+    lines = (tmp_path / "c.bedGraph").read_text().splitlines()
+    assert lines[0].startswith("track type=bedGraph")
+    chrom, start, end, value = lines[1].split("\t")
+    first = int(np.flatnonzero(official_inputs[0].sum(-1))[0])  # N bases are left out
+    assert (chrom, int(start), int(end)) == ("chrZ", FLANK + first, FLANK + first + 1)
+    assert float(value) == pytest.approx(float(scores[first]), rel=1e-6)
+
+
+def test_contrib_needs_tracks_and_valid_bins(tmp_path, fast_model):
+    base = ["contrib", "chr1:602000-602100", "--fasta", FASTA, "--model", fast_model, "--device", "cpu",
+            "-o", tmp_path / "c"]
+    result = run(*base)
+    assert result.exit_code == 1 and "contrib needs --tracks" in result.output
+    result = run(*base, "--tracks", "0", "--bins", "440-x")
+    assert result.exit_code == 1 and "--bins expects" in result.output
+    result = run(*base, "--tracks", "0", "--bins", "900")
+    assert result.exit_code == 1 and "bins must be" in result.output
+
+
+def test_parse_bins():
+    assert parse_bins(None) is None
+    assert parse_bins("440,447-449,448").tolist() == [440, 447, 448, 449]
