@@ -298,6 +298,54 @@ def pca(scores_dir, out_dir, components, stat, transform_path, max_rows):
                f" of {summary['stat']} explaining {explained:.1%} of its variance", err=True)
 
 
+@cli.group(context_settings={"help_option_names": ["-h", "--help"]})
+def plot():
+    """Figures (PNG or PDF, by the output's extension): `plot variant`, `plot contrib`."""
+
+
+@plot.command("variant", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("variant", metavar="VARIANT")
+@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .png or .pdf.")
+@click.option("--scores", "scores_dir", type=click.Path(file_okay=False, exists=True),
+              help="A finished scoring run: VARIANT may then be a VCF ID of it, and without --tracks the "
+                   "variant's --top tracks of largest |SAD| there are plotted.")
+@click.option("--top", type=click.IntRange(1, 50), default=4, show_default=True,
+              help="Tracks taken from --scores when --tracks is not given.")
+@_model_options
+def plot_variant(variant, fasta, out, scores_dir, top, **kwargs):
+    """Reference, alternative and alt - ref predictions around VARIANT (CHR:POS:REF:ALT).
+
+    Two panels per track (ref and alt; alt - ref), titled with the track description, on
+    1-based genome coordinates of the 896 bins (114,688 bp around the variant, which is marked).
+    The predictions are computed with the model from the FASTA, as for scoring.
+    """
+    from .jobs import plot_variant_job
+
+    figure = plot_variant_job(variant, fasta, out, _choice(kwargs), scores_dir=scores_dir, top=top)
+    click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
+
+
+@plot.command("contrib", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("region", metavar="REGION")
+@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .png or .pdf.")
+@click.option("--from-h5", type=click.Path(dir_okay=False, exists=True),
+              help="Plot the scores of this `contrib` output instead of computing them.")
+@_model_options
+@click.option("--bins", metavar="SPEC", help="Output bins of the objective (as for `contrib`; default 447-449).")
+def plot_contrib(region, fasta, out, from_h5, bins, **kwargs):
+    """Contribution scores over the window centred on REGION (as `contrib` computes them).
+
+    One panel over the 196,608 bp the model reads; a second, base by base and coloured by base,
+    over REGION itself when it is at most 2,000 bp.
+    """
+    from .jobs import plot_contrib_job
+
+    figure = plot_contrib_job(region, fasta, out, _choice(kwargs), bins=bins, from_h5=from_h5)
+    click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
+
+
 @cli.command()
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False))

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 
+import h5py
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from .contrib import DEFAULT_BINS, contributions, write_contrib
 from .errors import InputError
 from .genome import Genome
+from .output import find_variant
+from .plots import MAX_PLOT_TRACKS, plot_contributions, plot_variant, save_figure
 from .predict import predict_regions, write_bigwigs, write_predictions_h5
 from .regions import read_regions
 from .targets import Targets, head_targets, select_tracks
+from .variants import resolve_contig
 from .weights import default_model_source, load_model
+from .windows import allele_windows, one_hot
+
+ZOOM_LIMIT = 2_000  # bp: a region up to this long also gets a base-level panel
 
 
 @dataclasses.dataclass
@@ -27,11 +35,16 @@ class ModelChoice:
     tracks: str | None = None
 
 
-def load_tracks(choice: ModelChoice):
-    """``(model, device, column indices int64 [T], their Targets)`` for ``choice``."""
+def load_head(choice: ModelChoice):
+    """``(model, device, Targets of the chosen head)`` for ``choice``."""
     device = choice.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(choice.model or default_model_source(), device=device)
-    targets = head_targets(choice.organism, model.config.heads, choice.targets)
+    return model, device, head_targets(choice.organism, model.config.heads, choice.targets)
+
+
+def load_tracks(choice: ModelChoice):
+    """``(model, device, column indices int64 [T], their Targets)`` for ``choice``."""
+    model, device, targets = load_head(choice)
     tracks = select_tracks(choice.tracks, targets)
     return model, device, tracks, targets.subset(tracks)
 
@@ -86,3 +99,75 @@ def contrib_job(region_text: str, fasta: str, prefix: str, choice: ModelChoice, 
                                  bins=(DEFAULT_BINS if chosen_bins is None else chosen_bins).tolist(),
                                  objective=objective)
     return bedgraph, h5, targets
+
+
+def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *, scores_dir: str | None = None,
+                     top: int = 4) -> Figure:
+    """``enformer-score plot variant``: ref, alt and alt - ref of the chosen tracks over the 896 bins
+    around ``variant`` (``chr:pos:ref:alt``, or with ``scores_dir`` also a VCF ID of that run), computed
+    with the model. Without --tracks and with ``scores_dir``: the ``top`` tracks of largest |SAD| in the
+    run. Returns the figure (2 axes per track)."""
+    genome = Genome(fasta)
+    if scores_dir:
+        row = find_variant(scores_dir, variant)
+        chrom, pos, ref, alt, name = row["chrom"], row["pos"], row["ref"], row["alt"], row["snp"]
+    else:
+        parts = variant.split(":")
+        if len(parts) != 4 or not parts[1].isdigit():
+            raise InputError(f"expected the variant as CHR:POS:REF:ALT (or --scores DIR with its ID), not {variant!r}")
+        chrom, pos, ref, alt, name = parts[0], int(parts[1]), parts[2].upper(), parts[3].upper(), variant
+    fasta_chrom = resolve_contig(chrom, genome.contigs)
+    if fasta_chrom is None:
+        raise InputError(f"contig {chrom} is not in {fasta}")
+    model, device, targets = load_head(choice)
+    if choice.tracks is not None:
+        tracks = select_tracks(choice.tracks, targets)
+    elif scores_dir and "SAD" in row["stats"]:
+        column = {identifier: i for i, identifier in enumerate(targets.ids)}
+        strongest = np.argsort(-np.abs(row["stats"]["SAD"]), kind="stable")[:top]
+        tracks = np.array([column[row["target_ids"][i]] for i in strongest])
+    else:
+        raise InputError("choose the tracks with --tracks (or give --scores to plot the variant's strongest SAD tracks)")
+    if len(tracks) > MAX_PLOT_TRACKS:
+        raise InputError(f"--tracks chose {len(tracks)} tracks; a plot shows at most {MAX_PLOT_TRACKS}")
+    windows = np.stack(allele_windows(genome, fasta_chrom, pos, ref, alt))
+    with torch.inference_mode():
+        x = torch.from_numpy(one_hot(windows)).to(device)
+        predictions = model.predict_tracks(x, choice.organism, torch.from_numpy(tracks).to(device)).float().cpu().numpy()
+    bin_starts = pos - 57_344 + 128 * np.arange(predictions.shape[1])
+    labels = [targets.labels[i] for i in tracks]
+    figure = plot_variant(predictions[0], predictions[1], bin_starts, labels, chrom=chrom, pos=pos, ref_allele=ref,
+                          alt_allele=alt, variant_id=name)
+    save_figure(figure, out)
+    return figure
+
+
+def plot_contrib_job(region_text: str, fasta: str, out: str, choice: ModelChoice, *, bins: str | None = None,
+                     from_h5: str | None = None) -> Figure:
+    """``enformer-score plot contrib``: contribution scores over the window centred on REGION (computed,
+    or read from a ``contrib`` HDF5 file), with a base-level zoom on REGION when it is at most
+    :data:`ZOOM_LIMIT` bp. Returns the figure."""
+    genome = Genome(fasta)
+    regions = read_regions(region_text, genome.contigs)
+    if len(regions) != 1:
+        raise InputError(f"plot contrib takes one region; {region_text} holds {len(regions)}")
+    region = regions[0]
+    if from_h5:
+        with h5py.File(from_h5, "r") as f:
+            positions, scores = f["position"][:], f["contribution"][:]
+        title = f"{region.name}: contribution scores from {from_h5}"
+    else:
+        if choice.tracks is None:
+            raise InputError("plot contrib needs --tracks (or --from-h5 with the output of `contrib`)")
+        model, device, tracks, targets = load_tracks(choice)
+        positions, scores, _ = contributions(model, genome, region, head=choice.organism, tracks=tracks,
+                                             bins=parse_bins(bins), device=device)
+        shown = ", ".join(targets.labels[:3]) + (f" and {len(targets) - 3} more" if len(targets) > 3 else "")
+        title = f"{region.name}: gradient x input for {shown}"
+    sequence = genome.fetch(region.chrom, int(positions[0]), int(positions[-1]) + 1)
+    zoom = None
+    if region.end - region.start <= ZOOM_LIMIT and positions[0] <= region.start and region.end <= positions[-1] + 1:
+        zoom = (region.start, region.end)
+    figure = plot_contributions(positions, scores, chrom=region.chrom, sequence=sequence, title=title, zoom=zoom)
+    save_figure(figure, out)
+    return figure

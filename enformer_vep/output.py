@@ -347,3 +347,32 @@ def _write_percentiles(f: h5py.File, stats: Sequence[str], max_block_bytes: int 
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def find_variant(out_dir: str | Path, key: str) -> dict:
+    """The row of a finished run whose ``snp`` (VCF ID) is ``key``, or whose ``chr:pos`` or
+    ``chr:pos:ref:alt`` is; the first in VCF order. Returns ``chrom, pos, ref, alt, snp`` and its
+    statistics ``{name: [T] float32}`` with ``target_ids``."""
+    done = read_done(Path(out_dir))
+    if done is None:
+        raise InputError(f"{out_dir} holds no finished run (no verified done.json)")
+    parts = key.split(":")
+    for name in done["files"]:
+        if not name.endswith(".h5"):
+            continue
+        with h5py.File(Path(out_dir) / name, "r") as f:
+            snp = np.char.decode(f["snp"][:])
+            hit = np.flatnonzero(snp == key)
+            if not len(hit) and len(parts) in (2, 4) and parts[1].isdigit():
+                match = (np.char.decode(f["chr"][:]) == parts[0]) & (f["pos"][:] == int(parts[1]))
+                if len(parts) == 4:
+                    match &= (np.char.decode(f["ref"][:]) == parts[2].upper()) & \
+                             (np.char.decode(f["alt"][:]) == parts[3].upper())
+                hit = np.flatnonzero(match)
+            if len(hit):
+                i = int(hit[0])
+                stats = {s: f[s][i].astype(np.float32) for s in STATISTICS if s in f}
+                return {"chrom": f["chr"][i].decode(), "pos": int(f["pos"][i]), "ref": f["ref"][i].decode(),
+                        "alt": f["alt"][i].decode(), "snp": snp[i], "stats": stats,
+                        "target_ids": [t.decode() for t in f["target_ids"][:]]}
+    raise InputError(f"no variant {key!r} in {out_dir} (give its VCF ID, chr:pos or chr:pos:ref:alt)")

@@ -78,3 +78,47 @@ def test_contrib_needs_tracks_and_valid_bins(tmp_path, fast_model):
 def test_parse_bins():
     assert parse_bins(None) is None
     assert parse_bins("440,447-449,448").tolist() == [440, 447, 448, 449]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, fast_model):
+    """A finished run over the first 6 GIAB records."""
+    lines = (DATA / "grch38_chr1_giab_hg002" / "input.vcf").read_text().splitlines(keepends=True)
+    tmp = tmp_path_factory.mktemp("scored")
+    (tmp / "six.vcf").write_text("".join([x for x in lines if x.startswith("#")]
+                                         + [x for x in lines if not x.startswith("#")][:6]))
+    result = run(tmp / "six.vcf", "--fasta", FASTA, "--model", fast_model, "--device", "cpu", "-o", tmp / "out")
+    assert result.exit_code == 0, result.output
+    return tmp / "out"
+
+
+def test_plot_variant_from_a_scores_run_shows_its_strongest_tracks(tmp_path, fast_model, scored):
+    from enformer_vep.jobs import ModelChoice, plot_variant_job
+
+    with h5py.File(scored / "six.chr1.h5", "r") as f:
+        pos, ref, alt = int(f["pos"][2]), f["ref"][2].decode(), f["alt"][2].decode()
+        sad = f["SAD"][2].astype(np.float32)
+        labels = [t.decode() for t in f["target_labels"][:]]
+    strongest = [labels[i] for i in np.argsort(-np.abs(sad), kind="stable")[:3]]
+    figure = plot_variant_job(f"chr1:{pos}", FASTA, tmp_path / "v.png", ModelChoice(model=fast_model, device="cpu"),
+                              scores_dir=scored, top=3)
+    assert len(figure.axes) == 6
+    assert [figure.axes[2 * k].get_title(loc="left") for k in range(3)] == strongest
+    assert figure.axes[-1].get_xlim()[0] < pos < figure.axes[-1].get_xlim()[1]
+    assert f"chr1:{pos} {ref}>{alt}" in figure.get_suptitle()
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_commands_write_the_files(tmp_path, fast_model, scored):
+    base = ["--fasta", FASTA, "--model", fast_model, "--device", "cpu"]
+    result = run("plot", "variant", "chr1:604358:G:C", *base, "--tracks", "0-2", "-o", tmp_path / "v.pdf")
+    assert result.exit_code == 0 and "6 panels" in result.output, result.output
+    assert (tmp_path / "v.pdf").read_bytes()[:5] == b"%PDF-"
+    result = run("plot", "contrib", "chr1:604300-604400", *base, "--tracks", "4675", "-o", tmp_path / "c.png")
+    assert result.exit_code == 0 and "2 panels" in result.output, result.output
+    result = run("plot", "contrib", "chr1:500000-600000", *base, "--tracks", "4675", "-o", tmp_path / "wide.png")
+    assert result.exit_code == 0 and "1 panels" in result.output, result.output
+    result = run("plot", "variant", "chr1:604358", *base, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1 and "CHR:POS:REF:ALT" in result.output
+    result = run("plot", "variant", "rs_missing", *base, "--scores", scored, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1 and "no variant 'rs_missing'" in result.output
