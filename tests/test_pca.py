@@ -312,3 +312,32 @@ def test_missing_or_corrupt_transform_files_are_refused(tmp_path):
         with pytest.raises(InputError, match=rf"{name} is not a PCA transform written by `enformer-score pca`"):
             run_pca(tmp_path / "run", tmp_path / "out", transform_path=path)
     assert not list((tmp_path / "out").glob("*.gz"))
+
+
+def test_pca_command_on_a_real_giab_run(tmp_path, fast_model):
+    """`enformer-score pca` from the command line on 20 real GIAB variants scored over 40 tracks: the
+    tables, queried by region with tabix, hold exactly those variants and their PCs."""
+    from click.testing import CliRunner
+    from helpers import DATA
+
+    from enformer_vep.cli import cli
+
+    giab = DATA / "grch38_chr1_giab_hg002"
+    lines = (giab / "input.vcf").read_text().splitlines(keepends=True)
+    (tmp_path / "twenty.vcf").write_text("".join([x for x in lines if x.startswith("#")]
+                                                 + [x for x in lines if not x.startswith("#")][:20]))
+    runner = CliRunner()
+    result = runner.invoke(cli, [str(tmp_path / "twenty.vcf"), "--fasta", str(giab / "reference.fa"), "--model",
+                                 str(fast_model), "--device", "cpu", "--tracks", "0-39", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["pca", str(tmp_path / "s"), "-o", str(tmp_path / "pc"), "--components", "3"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 tables, 20 variants, PC0..PC2 of SAD" in result.output
+    with h5py.File(tmp_path / "s" / "twenty.chr1.h5", "r") as f:
+        X, pos = f["SAD"][:].astype(np.float64), f["pos"][:]
+        ids = [s.decode() for s in f["snp"][:]]
+    want = reference_pca(X, 3)[4]
+    rows = table(tmp_path / "pc" / "twenty.chr1.pc.tsv.gz", "chr1", int(pos[4]) - 1, int(pos[9]))
+    assert [r[2] for r in rows] == ids[4:10] and [int(r[1]) for r in rows] == pos[4:10].tolist()
+    got = np.array([r[5:] for r in rows], dtype=float)
+    np.testing.assert_allclose(got, want[4:10], rtol=1e-5, atol=1e-6 * np.abs(want).max())
