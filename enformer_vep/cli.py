@@ -346,6 +346,92 @@ def plot_contrib(region, fasta, out, from_h5, bins, **kwargs):
     click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
 
 
+def _head_data(values) -> dict[str, str]:
+    data = {}
+    for text in values:
+        head, eq, directory = text.partition("=")
+        if not eq or not head or not directory:
+            raise click.BadParameter(f"expected HEAD=DIR (e.g. human=data/human), got {text!r}")
+        data[head] = directory
+    return data
+
+
+def _new_heads(values) -> list[tuple[str, int]]:
+    heads = []
+    for text in values:
+        name, colon, n = text.partition(":")
+        if not colon or not name or not n.isdigit() or int(n) < 1:
+            raise click.BadParameter(f"expected NAME:N_TRACKS (e.g. mine:12), got {text!r}")
+        heads.append((name, int(n)))
+    return heads
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", "data", multiple=True, required=True, callback=lambda c, p, v: _head_data(v),
+              metavar="HEAD=DIR", help="A Basenji2 data directory (statistics.json, tfrecords/train-*.tfr) for "
+                                       "a head; repeat for human and mouse (one step each per global step).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Trained weights (.safetensors).")
+@click.option("--init", metavar="SOURCE", help="Starting weights (any form `convert` reads). Default: "
+                                               "$ENFORMER_VEP_MODEL, else the official model.")
+@click.option("--config", "config_json", type=click.Path(dir_okay=False, exists=True),
+              help="Train a fresh random model of this EnformerConfig (JSON) instead of --init.")
+@click.option("--new-head", "new_heads", multiple=True, metavar="NAME:N", callback=lambda c, p, v: _new_heads(v),
+              help="Add (or replace) head NAME with N tracks, randomly initialised (fine-tuning; repeatable).")
+@click.option("--freeze-trunk", is_flag=True, help="Train only the heads (trunk weights and batch statistics fixed).")
+@click.option("--steps", type=click.IntRange(min=0), default=150_000, show_default=True, help="Global steps.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak Adam learning rate.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5_000, show_default=True,
+              help="Linear warm-up steps to --lr.")
+@click.option("--clip-grad-norm", type=float, help="Clip the global gradient norm to this value (default: no clipping).")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast of the forward pass (CUDA only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, dropout and shuffling.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences per step and head.")
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Examples held for shuffling (a human example takes ~10 MB).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Checkpoint file, written atomically every --checkpoint-every steps; if it exists, training "
+                   "resumes from it exactly.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar with the losses.")
+def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warmup, clip_grad_norm, bf16, seed,
+          batch_size, shuffle_buffer, checkpoint, checkpoint_every, device, progress):
+    """Train or fine-tune on Basenji2 TFRecords (Poisson loss, Adam with linear warm-up)."""
+    from .jobs import train_job
+    from .training import TrainConfig
+
+    config = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=warmup, clip_grad_norm=clip_grad_norm,
+                         bf16=bf16, seed=seed, checkpoint_every=checkpoint_every, heads=list(data))
+    losses = train_job(data, out, init=init, config_json=config_json, new_heads=new_heads, freeze=freeze_trunk,
+                       config=config, batch_size=batch_size, shuffle_buffer=shuffle_buffer, checkpoint=checkpoint,
+                       device=device, progress=progress)
+    last = ", ".join(f"{head} {loss:.4f}" for head, loss in losses[-1].items()) if losses else "no step"
+    click.echo(f"wrote {out} after {len(losses)} steps (last losses: {last})", err=True)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, metavar="SOURCE", help="Weights to evaluate.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A Basenji2 data directory.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="valid", show_default=True)
+@click.option("--head", default="human", show_default=True, help="Output head the data's tracks belong to.")
+@click.option("--tracks", metavar="SPEC", help="Tracks to evaluate (indices/ranges or a regular expression). Default: all.")
+@click.option("--targets", "targets_path", type=click.Path(dir_okay=False, exists=True),
+              help="Track table naming the head's tracks (default: the released table when the head matches it).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-batches", type=click.IntRange(min=1), help="Stop after this many batches.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Per-track table (TSV: index identifier description r).")
+@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+def evaluate(model, data_dir, split, head, tracks, targets_path, batch_size, max_batches, out, device):
+    """Pearson r of predictions and targets per track over all bins of a split, averaged over tracks."""
+    from .jobs import evaluate_job
+
+    result = evaluate_job(model, data_dir, split=split, head=head, tracks=tracks, targets_path=targets_path,
+                          batch_size=batch_size, max_batches=max_batches, out=out, device=device)
+    click.echo(f"{head} {split}: mean Pearson r {result.mean_r:.4f} over {len(result.r)} tracks, "
+               f"{result.n_sequences} sequences" + (f"; table in {out}" if out else ""), err=True)
+
+
 @cli.command()
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False))

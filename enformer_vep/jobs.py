@@ -1,22 +1,27 @@
-"""The commands around scoring (``predict``, ``contrib``, ``plot``) as functions: open the FASTA,
+"""The commands around scoring (``predict``, ``contrib``, ``plot``, ``train``, ``evaluate``) as functions: open the FASTA,
 load the model, choose the tracks, call the library, write the files."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .basenji_data import batches, read_statistics
 from .contrib import DEFAULT_BINS, contributions, write_contrib
 from .errors import InputError
 from .genome import Genome
+from .model import Enformer, EnformerConfig
 from .output import find_variant
 from .plots import MAX_PLOT_TRACKS, plot_contributions, plot_variant, save_figure
 from .predict import predict_regions, write_bigwigs, write_predictions_h5
 from .regions import read_regions
-from .targets import Targets, head_targets, select_tracks
+from .targets import Targets, head_targets, packaged_targets, select_tracks
+from .training import TrainConfig, evaluate, freeze_trunk, replace_head, save_trained, train
 from .variants import resolve_contig
 from .weights import default_model_source, load_model
 from .windows import allele_windows, one_hot
@@ -171,3 +176,63 @@ def plot_contrib_job(region_text: str, fasta: str, out: str, choice: ModelChoice
     figure = plot_contributions(positions, scores, chrom=region.chrom, sequence=sequence, title=title, zoom=zoom)
     save_figure(figure, out)
     return figure
+
+
+def _data_factory(data_dir: str, split: str, batch_size: int, shuffle_buffer: int, seed: int):
+    """Epoch ``epoch`` of a Basenji2 split, shuffled with a seed of its own (so a resumed run sees the
+    same batches)."""
+    def epoch_batches(epoch: int = 0):
+        return batches(data_dir, split, batch_size, shuffle_buffer=shuffle_buffer, seed=seed * 100_003 + epoch)
+    return epoch_batches
+
+
+def train_job(data: dict[str, str], out: str, *, init: str | None = None, config_json: str | None = None,
+              new_heads: list[tuple[str, int]] = (), freeze: bool = False, config: TrainConfig,
+              batch_size: int = 1, shuffle_buffer: int = 64, checkpoint: str | None = None,
+              device: str | None = None, progress: bool = True) -> list[dict[str, float]]:
+    """``enformer-score train``: start from ``init`` weights (or a fresh model of ``config_json``), add or
+    replace ``new_heads``, optionally freeze the trunk, train on the ``train`` split of each head's
+    Basenji2 directory ``data``, resume from ``checkpoint`` if it exists, save ``out``. Returns the losses."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if config_json:
+        settings = json.loads(Path(config_json).read_text())
+        torch.manual_seed(config.seed)
+        model = Enformer(EnformerConfig(**settings)).to(device)
+    else:
+        model = load_model(init or default_model_source(), device=device)
+    for name, n_tracks in new_heads:
+        replace_head(model, name, n_tracks)
+    model.to(device)
+    if freeze:
+        freeze_trunk(model)
+    for head, directory in data.items():
+        wanted = read_statistics(directory)["num_targets"]
+        if head in model.heads and model.heads[head].out_features != wanted:
+            raise InputError(f"{directory} holds {wanted} tracks but the model's {head} head has "
+                             f"{model.heads[head].out_features}: add --new-head {head}:{wanted}")
+    sources = {head: _data_factory(d, "train", batch_size, shuffle_buffer, config.seed) for head, d in data.items()}
+    losses = train(model, sources, config, checkpoint_path=checkpoint, progress=progress)
+    save_trained(model, out, source=init or config_json or "")
+    return losses
+
+
+def evaluate_job(model_source: str, data_dir: str, *, split: str = "valid", head: str = "human",
+                 tracks: str | None = None, targets_path: str | None = None, batch_size: int = 1,
+                 max_batches: int | None = None, out: str | None = None, device: str | None = None):
+    """``enformer-score evaluate``: Pearson r per track of ``head`` over all bins of ``split``; the
+    per-track table to ``out``. Returns the :class:`training.EvalResult`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_source, device=device)
+    if head not in model.heads:
+        raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+    n_tracks = model.heads[head].out_features
+    table = None
+    if targets_path or (head in ("human", "mouse") and n_tracks == len(packaged_targets(head))):
+        table = head_targets(head, model.config.heads, targets_path)
+    columns = None
+    if tracks is not None:
+        columns = select_tracks(tracks, table or Targets([str(i) for i in range(n_tracks)], [""] * n_tracks))
+    result = evaluate(model, batches(data_dir, split, batch_size), head, columns, max_batches=max_batches)
+    if out:
+        result.write_tsv(out, table)
+    return result

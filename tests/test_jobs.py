@@ -122,3 +122,67 @@ def test_plot_commands_write_the_files(tmp_path, fast_model, scored):
     assert result.exit_code == 1 and "CHR:POS:REF:ALT" in result.output
     result = run("plot", "variant", "rs_missing", *base, "--scores", scored, "-o", tmp_path / "x.png")
     assert result.exit_code == 1 and "no variant 'rs_missing'" in result.output
+
+
+# --- train and evaluate on the TF-written Basenji2 sample -----------------------------------------
+
+BASENJI = DATA / "basenji2_tf_sample"
+TINY_CONFIG = {"channels": 12, "num_heads": 2, "num_transformer_layers": 1, "pooling_type": "max",
+               "conv_filters": [6, 6, 6, 6, 8, 12], "heads": {"human": 10}}
+
+
+def tensors(path):
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+def test_train_resumes_exactly_and_evaluate_reports_pearson_per_track(tmp_path):
+    import json
+
+    from enformer_vep.basenji_data import examples
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    base = ["train", "--config", config, "--data", f"human={BASENJI}", "--warmup", "1", "--lr", "1e-3",
+            "--checkpoint-every", "1", "--no-progress", "--shuffle-buffer", "0"]
+    result = run(*base, "--steps", "3", "--checkpoint", tmp_path / "a.pt", "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 0 and "after 3 steps" in result.output, result.output
+    assert run(*base, "--steps", "2", "--checkpoint", tmp_path / "b.pt", "-o", tmp_path / "b2.safetensors").exit_code == 0
+    # another --seed: only a real resume (weights, optimizer, RNG and data position from b.pt) can
+    # still give run a's weights; unshuffled data keeps the batches independent of the seed
+    result = run(*base, "--steps", "3", "--seed", "7", "--checkpoint", tmp_path / "b.pt", "-o", tmp_path / "b.safetensors")
+    assert result.exit_code == 0, result.output
+    assert run(*base, "--steps", "3", "--seed", "7", "-o", tmp_path / "c.safetensors").exit_code == 0
+    a, b, b2 = tensors(tmp_path / "a.safetensors"), tensors(tmp_path / "b.safetensors"), tensors(tmp_path / "b2.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # resumed = uninterrupted
+    assert any(not np.array_equal(a[k], b2[k]) for k in a)  # and the third step did something
+    c = tensors(tmp_path / "c.safetensors")
+    assert any(not np.array_equal(a[k], c[k]) for k in a)  # a fresh run with that seed differs
+
+    result = run("evaluate", "--model", tmp_path / "a.safetensors", "--data", BASENJI, "--split", "valid",
+                 "--device", "cpu", "-o", tmp_path / "r.tsv")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in (tmp_path / "r.tsv").read_text().splitlines()[1:]]
+    assert len(rows) == 10
+    model = load_model(tmp_path / "a.safetensors")
+    predictions, targets = [], []
+    for x, y in examples(BASENJI, "valid"):
+        with torch.inference_mode():
+            predictions.append(model.predict(torch.from_numpy(x)[None])["human"][0].double().numpy())
+        targets.append(y.astype(np.float64))
+    p, t = np.concatenate(predictions), np.concatenate(targets)
+    want = [np.corrcoef(p[:, k], t[:, k])[0, 1] for k in range(10)]
+    np.testing.assert_allclose([float(r[-1]) for r in rows], want, rtol=1e-4, atol=1e-6)
+    assert f"mean Pearson r {np.nanmean(want):.4f} over 10 tracks, 2 sequences" in result.output
+
+
+def test_fine_tuning_a_new_head_with_a_frozen_trunk(tmp_path, fast_model):
+    result = run("train", "--init", fast_model, "--new-head", "mine:10", "--freeze-trunk", "--data", f"mine={BASENJI}",
+                 "--steps", "2", "--warmup", "1", "--no-progress", "--device", "cpu", "-o", tmp_path / "ft.safetensors")
+    assert result.exit_code == 0, result.output
+    before, after = tensors(fast_model), tensors(tmp_path / "ft.safetensors")
+    assert after["heads.mine.weight"].shape == (10, 24)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # trunk and the other head untouched
+    result = run("train", "--init", fast_model, "--data", f"human={BASENJI}", "--steps", "1", "--no-progress",
+                 "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 1 and "add --new-head human:10" in result.output
