@@ -22,70 +22,33 @@ from enformer_vep.basenji_data import (
     read_statistics,
     tfrecord_files,
 )
+from bundle_writer import crc32c, field_bytes, mask, varint
+
 from enformer_vep.errors import InputError
 
 SAMPLE = DATA / "basenji2_tf_sample"
 
 # ------------------------------------------------------------------------------------------
-# Independent writer: CRC-32C from a table built with a plain bitwise loop, protobuf by hand.
-
-
-def _make_table():
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _make_table()
-
-
-def ref_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+# Independent writer: CRC-32C and protobuf of tests/bundle_writer.py (a plain bitwise-loop table).
 
 
 def ref_masked(data: bytes) -> int:
-    crc = ref_crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def pb_varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def pb_field(number: int, payload: bytes) -> bytes:
-    """Length-delimited field (wire type 2)."""
-    return pb_varint(number << 3 | 2) + pb_varint(len(payload)) + payload
+    return mask(crc32c(data))
 
 
 def pb_feature(value) -> bytes:
     if isinstance(value, bytes):  # Feature.bytes_list = 1 { repeated bytes value = 1 }
-        return pb_field(1, pb_field(1, value))
+        return field_bytes(1, field_bytes(1, value))
     arr = np.asarray(value)
     if arr.dtype.kind == "f":  # Feature.float_list = 2 { packed float value = 1 }
-        return pb_field(2, pb_field(1, arr.astype("<f4").tobytes()))
+        return field_bytes(2, field_bytes(1, arr.astype("<f4").tobytes()))
     # Feature.int64_list = 3 { packed int64 value = 1 }
-    return pb_field(3, pb_field(1, b"".join(pb_varint(int(v)) for v in arr)))
+    return field_bytes(3, field_bytes(1, b"".join(varint(int(v)) for v in arr)))
 
 
 def pb_example(features: dict) -> bytes:
-    entries = b"".join(pb_field(1, pb_field(1, k.encode()) + pb_field(2, pb_feature(v))) for k, v in features.items())
-    return pb_field(1, entries)  # Example.features = 1 { map<string, Feature> feature = 1 }
+    entries = b"".join(field_bytes(1, field_bytes(1, k.encode()) + field_bytes(2, pb_feature(v))) for k, v in features.items())
+    return field_bytes(1, entries)  # Example.features = 1 { map<string, Feature> feature = 1 }
 
 
 def frame(payload: bytes) -> bytes:
@@ -135,12 +98,12 @@ def make_dataset(root: Path, files: dict, seed: int = 0):
 
 
 def test_reference_crc_matches_known_vector_and_package():
-    from enformer_vep.crc32c import crc32c, mask
+    from enformer_vep import crc32c as package
 
-    assert ref_crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"123456789") == 0xE3069283
     data = bytes(range(256)) * 3
-    assert ref_crc32c(data) == crc32c(data)
-    assert ref_masked(data) == mask(crc32c(data))
+    assert crc32c(data) == package.crc32c(data)
+    assert ref_masked(data) == package.mask(package.crc32c(data))
 
 
 def test_independent_writer_round_trip_bit_exact(tmp_path):
