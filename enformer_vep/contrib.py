@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import InputError
 from .genome import Genome
 from .model import SEQUENCE_LENGTH, Enformer
-from .predict import atomic_path
 from .regions import Region, model_input
 from .windows import one_hot
 

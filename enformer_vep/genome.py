@@ -9,12 +9,12 @@ import bisect
 import gzip
 import hashlib
 import os
-import tempfile
 import zlib
 from typing import Iterable
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError
 
 _N = ord("N")
@@ -164,7 +164,7 @@ class Genome:
             raise InputError(f"cannot read the FASTA index {index_path}: {e.strerror}") from e
         content = build()
         try:
-            _write_atomic(index_path, content)
+            atomic_write(index_path, lambda f: f.write(content))
         except OSError as e:
             raise InputError(f"the FASTA index {index_path} is missing and cannot be written ({e.strerror or e}): "
                              f"run `samtools faidx {self.path}` where that is allowed, or copy the FASTA to a "
@@ -286,19 +286,6 @@ def _parse_gzi(content: bytes, path: str) -> tuple[list[int], list[int]]:
         raise InputError(f"malformed BGZF index {path}; delete it and rerun, or run `samtools faidx`")
     pairs = np.frombuffer(content, dtype="<u8", offset=8).reshape(count, 2)
     return [0, *pairs[:, 0].tolist()], [0, *pairs[:, 1].tolist()]
-
-
-def _write_atomic(path: str, content: bytes) -> None:
-    """Write via a temporary file and rename, so a concurrent reader never sees a partial index."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _preview(names: Iterable[str], limit: int = 5) -> str:

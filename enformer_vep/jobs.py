@@ -19,7 +19,8 @@ from .model import Enformer, EnformerConfig
 from .output import find_variant
 from .plots import MAX_PLOT_TRACKS, plot_contributions, plot_variant, save_figure
 from .predict import predict_regions, write_bigwigs, write_predictions_h5
-from .regions import read_regions
+from .regions import Region, bin_starts, read_regions
+from .scoring import default_device
 from .targets import Targets, head_targets, packaged_targets, select_tracks
 from .training import TrainConfig, evaluate, freeze_trunk, replace_head, save_trained, train
 from .variants import resolve_contig
@@ -40,9 +41,17 @@ class ModelChoice:
     tracks: str | None = None
 
 
+def one_region(text: str, genome: Genome, command: str) -> Region:
+    """The single region of ``text`` (region text or BED file)."""
+    regions = read_regions(text, genome.contigs)
+    if len(regions) != 1:
+        raise InputError(f"{command} takes one region; {text} holds {len(regions)}")
+    return regions[0]
+
+
 def load_head(choice: ModelChoice):
     """``(model, device, Targets of the chosen head)`` for ``choice``."""
-    device = choice.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(choice.device)
     model = load_model(choice.model or default_model_source(), device=device)
     return model, device, head_targets(choice.organism, model.config.heads, choice.targets)
 
@@ -91,15 +100,13 @@ def contrib_job(region_text: str, fasta: str, prefix: str, choice: ModelChoice, 
     if choice.tracks is None:
         raise InputError("contrib needs --tracks: the objective is the mean of the chosen tracks")
     genome = Genome(fasta)
-    regions = read_regions(region_text, genome.contigs)
-    if len(regions) != 1:
-        raise InputError(f"contrib takes one region; {region_text} holds {len(regions)}")
+    region = one_region(region_text, genome, "contrib")
     model, device, tracks, targets = load_tracks(choice)
     chosen_bins = parse_bins(bins)
-    positions, scores, objective = contributions(model, genome, regions[0], head=choice.organism, tracks=tracks,
+    positions, scores, objective = contributions(model, genome, region, head=choice.organism, tracks=tracks,
                                                  bins=chosen_bins, device=device)
-    sequence = genome.fetch(regions[0].chrom, int(positions[0]), int(positions[-1]) + 1)
-    bedgraph, h5 = write_contrib(prefix, regions[0], positions, scores, sequence, head=choice.organism,
+    sequence = genome.fetch(region.chrom, int(positions[0]), int(positions[-1]) + 1)
+    bedgraph, h5 = write_contrib(prefix, region, positions, scores, sequence, head=choice.organism,
                                  tracks=tracks.tolist(),
                                  bins=(DEFAULT_BINS if chosen_bins is None else chosen_bins).tolist(),
                                  objective=objective)
@@ -139,9 +146,8 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
     with torch.inference_mode():
         x = torch.from_numpy(one_hot(windows)).to(device)
         predictions = model.predict_tracks(x, choice.organism, torch.from_numpy(tracks).to(device)).float().cpu().numpy()
-    bin_starts = pos - 57_344 + 128 * np.arange(predictions.shape[1])
     labels = [targets.labels[i] for i in tracks]
-    figure = plot_variant(predictions[0], predictions[1], bin_starts, labels, chrom=chrom, pos=pos, ref_allele=ref,
+    figure = plot_variant(predictions[0], predictions[1], bin_starts(pos), labels, chrom=chrom, pos=pos, ref_allele=ref,
                           alt_allele=alt, variant_id=name)
     save_figure(figure, out)
     return figure
@@ -153,10 +159,7 @@ def plot_contrib_job(region_text: str, fasta: str, out: str, choice: ModelChoice
     or read from a ``contrib`` HDF5 file), with a base-level zoom on REGION when it is at most
     :data:`ZOOM_LIMIT` bp. Returns the figure."""
     genome = Genome(fasta)
-    regions = read_regions(region_text, genome.contigs)
-    if len(regions) != 1:
-        raise InputError(f"plot contrib takes one region; {region_text} holds {len(regions)}")
-    region = regions[0]
+    region = one_region(region_text, genome, "plot contrib")
     if from_h5:
         with h5py.File(from_h5, "r") as f:
             positions, scores = f["position"][:], f["contribution"][:]
@@ -193,7 +196,7 @@ def train_job(data: dict[str, str], out: str, *, init: str | None = None, config
     """``enformer-score train``: start from ``init`` weights (or a fresh model of ``config_json``), add or
     replace ``new_heads``, optionally freeze the trunk, train on the ``train`` split of each head's
     Basenji2 directory ``data``, resume from ``checkpoint`` if it exists, save ``out``. Returns the losses."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if config_json:
         settings = json.loads(Path(config_json).read_text())
         torch.manual_seed(config.seed)
@@ -221,8 +224,7 @@ def evaluate_job(model_source: str, data_dir: str, *, split: str = "valid", head
                  max_batches: int | None = None, out: str | None = None, device: str | None = None):
     """``enformer-score evaluate``: Pearson r per track of ``head`` over all bins of ``split``; the
     per-track table to ``out``. Returns the :class:`training.EvalResult`."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_source, device=device)
+    model = load_model(model_source, device=default_device(device))
     if head not in model.heads:
         raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
     n_tracks = model.heads[head].out_features

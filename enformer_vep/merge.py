@@ -2,7 +2,6 @@
 one run would have written (same rows in VCF order, same bytes; percentiles from all rows)."""
 from __future__ import annotations
 
-import heapq
 import json
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -10,7 +9,7 @@ from typing import Iterator, Sequence
 import h5py
 
 from .errors import InputError
-from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file, write_scores, write_skipped
+from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file
 from .targets import Targets
 from .vcf_out import write_annotated_vcf
 
@@ -94,31 +93,22 @@ def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
     done = run.completed()
     if done is not None:
         return done
-    run.work.mkdir(exist_ok=True)
     stats = options["stats"]
-    files, summary = {}, {"scored": 0, "ref_mismatch_scored": 0, "clipped": dict.fromkeys(stats, 0)}
-    chroms = {}  # chromosome -> its file in each shard that has it, in shard order
+    chroms: dict[str, list[Path]] = {}  # chromosome -> its file in each shard that has it, in shard order
     for shard in shards:
-        summary["ref_mismatch_scored"] += shard.done["summary"]["ref_mismatch_scored"]
         for name, entry in shard.done["files"].items():
             if "chrom" in entry:
                 chroms.setdefault(entry["chrom"], []).append(shard.dir / name)
-    for chrom, paths in chroms.items():
-        sources = [H5Source(p, stats) for p in paths]
-        with h5py.File(paths[0], "r") as f:
+    attrs, targets = {}, Targets([], [])
+    if chroms:  # every shard file holds the same attributes and tracks (one run): take them from one
+        with h5py.File(next(iter(chroms.values()))[0], "r") as f:
             attrs = {k: v for k, v in f.attrs.items() if k != "run_fingerprint"}
             targets = Targets([t.decode() for t in f["target_ids"][:]], [t.decode() for t in f["target_labels"][:]])
-        attrs["run_fingerprint"] = json.dumps(run.fingerprint, sort_keys=True)
-        write_scores(run.final_path(chrom), sources, targets, stats, attrs, percentiles=options["percentiles"],
-                     tmp_dir=run.work)
-        rows = sum(s.size for s in sources)
-        files[run.final_path(chrom).name] = {"chrom": chrom, "rows": rows}
-        summary["scored"] += rows
-        for name in stats:
-            summary["clipped"][name] += sum(s.clipped[name] for s in sources)
-    lines = heapq.merge(*(_skipped_lines(s.dir / "skipped.tsv") for s in shards), key=lambda x: x[0])
-    summary["skipped"] = write_skipped(run.out / "skipped.tsv", (line for _, line in lines))
-    return run.complete(files, summary, {"shard": None, "merged_from": [str(s.dir.resolve()) for s in shards]})
+    return run.publish({chrom: [H5Source(p, stats) for p in paths] for chrom, paths in chroms.items()},
+                       [_skipped_lines(s.dir / "skipped.tsv") for s in shards], targets, stats, attrs,
+                       percentiles=options["percentiles"],
+                       extra={"shard": None, "merged_from": [str(s.dir.resolve()) for s in shards]},
+                       ref_mismatch_scored=sum(s.done["summary"]["ref_mismatch_scored"] for s in shards))
 
 
 def _skipped_lines(path: Path) -> Iterator[tuple[int, str]]:

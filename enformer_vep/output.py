@@ -19,7 +19,6 @@ import hashlib
 import heapq
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from .atomic import atomic_path, atomic_write
 from .errors import InputError
 from .scoring import STATISTICS
 from .targets import Targets
@@ -50,24 +50,8 @@ def _safe(name: str) -> str:
     return safe if safe == name else f"{safe}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def _tmp_name(path: Path, directory: Path | None = None) -> Path:
-    """A temporary name of this process for ``path``: two processes (a rerun and a dying worker of
-    the run before) never write into the same temporary file."""
-    return (directory or path.parent) / f"{path.name}.{os.getpid()}.tmp"
-
-
-def _fsync_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary name, fsync, then rename: all or nothing."""
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, value) -> None:
-    _fsync_write(path, lambda f: f.write(json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"))
 
 
 def sha256_file(path: Path) -> str:
@@ -78,9 +62,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _strings(values: Iterable[str]) -> np.ndarray:
-    values = list(values)
-    return np.array(values, dtype=object).astype("S") if values else np.zeros(0, "S1")
+def byte_strings(values: Iterable[str]) -> np.ndarray:
+    """Fixed-width bytes ``S`` (UTF-8), the string layout of every HDF5 file we write."""
+    encoded = [v.encode() for v in values]
+    return np.array(encoded, dtype=f"S{max([1] + [len(v) for v in encoded])}")
 
 
 def read_done(out: Path) -> dict | None:
@@ -180,10 +165,10 @@ class RunDirectory:
         """Stage one block: scored rows ``[n]`` with their statistics ``{name: [n, T] float16}``, and
         its skipped rows (``record`` = their 0-based ordinal in the VCF stream)."""
         arrays = {
-            "snp": _strings(r.id for r in rows), "chr": _strings(r.chrom for r in rows),
+            "snp": byte_strings(r.id for r in rows), "chr": byte_strings(r.chrom for r in rows),
             "pos": np.array([r.pos for r in rows], dtype=np.uint32),
-            "ref": _strings(r.ref for r in rows), "alt": _strings(r.alt for r in rows),
-            "skipped": _strings("\t".join(map(str, (s.chrom, s.pos, s.id, s.ref, s.alt, s.reason, s.record + 1)))
+            "ref": byte_strings(r.ref for r in rows), "alt": byte_strings(r.alt for r in rows),
+            "skipped": byte_strings("\t".join(map(str, (s.chrom, s.pos, s.id, s.ref, s.alt, s.reason, s.record + 1)))
                                 for s in skips),
             "skipped_record": np.array([s.record for s in skips], dtype=np.int64),
             "mismatched": np.int64(mismatched),
@@ -192,7 +177,7 @@ class RunDirectory:
         arrays.update({f"clipped_{k}": np.int64(v) for k, v in clipped.items()})
         path = self._chunk_path(chrom, block)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _fsync_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     # --- assembly -----------------------------------------------------------------------
 
@@ -207,26 +192,32 @@ class RunDirectory:
         if missing:
             raise InputError(f"{self.work} lacks staged blocks ({', '.join(missing[:5])}); rerun the same command")
         chunks = {chrom: [self._chunk_path(chrom, b) for b in sorted(bs)] for chrom, bs in by_chrom.items()}
-        summary = {"scored": 0, "ref_mismatch_scored": 0, "skipped": {}, "clipped": dict.fromkeys(stats, 0)}
+        sources = {chrom: [ChunkSource(p, stats) for p in paths] for chrom, paths in chunks.items()}
+        return self.publish(sources, [ChunkSource.skipped_lines(paths) for paths in chunks.values()], targets, stats,
+                            attrs, percentiles=percentiles, extra=extra or {},
+                            ref_mismatch_scored=sum(s.mismatched for group in sources.values() for s in group))
+
+    def publish(self, sources: Mapping[str, Sequence], skipped: Sequence[Iterator[tuple[int, str]]], targets: Targets,
+                stats: Sequence[str], attrs: Mapping, *, percentiles: bool, extra: Mapping,
+                ref_mismatch_scored: int) -> dict:
+        """Write each chromosome's file from its ``sources`` (see :func:`write_scores`; none for a
+        chromosome without rows), ``skipped.tsv`` from the ``(record, line)`` streams merged in record
+        order, then ``done.json`` last (with ``extra``), and drop the staging. Returns ``done.json``."""
+        self.work.mkdir(exist_ok=True)
+        attrs = attrs | {"run_fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        summary = {"scored": 0, "ref_mismatch_scored": ref_mismatch_scored, "clipped": dict.fromkeys(stats, 0)}
         files = {}
-        for chrom, paths in chunks.items():
-            sources = [ChunkSource(p, stats) for p in paths]
-            summary["ref_mismatch_scored"] += sum(s.mismatched for s in sources)
-            rows = sum(s.size for s in sources)
+        for chrom, chrom_sources in sources.items():
+            rows = sum(s.size for s in chrom_sources)
             if rows:
-                write_scores(self.final_path(chrom), sources, targets, stats,
-                             attrs | {"run_fingerprint": json.dumps(self.fingerprint, sort_keys=True)},
-                             percentiles=percentiles, tmp_dir=self.work)
+                write_scores(self.final_path(chrom), chrom_sources, targets, stats, attrs, percentiles=percentiles,
+                             tmp_dir=self.work)
                 files[self.final_path(chrom).name] = {"chrom": chrom, "rows": rows}
                 summary["scored"] += rows
                 for name in stats:
-                    summary["clipped"][name] += sum(s.clipped[name] for s in sources)
-        skip_lines = heapq.merge(*(ChunkSource.skipped_lines(paths) for paths in chunks.values()), key=lambda x: x[0])
-        summary["skipped"] = write_skipped(self.out / "skipped.tsv", (line for _, line in skip_lines))
-        return self.complete(files, summary, extra or {})
-
-    def complete(self, files: dict, summary: dict, extra: Mapping) -> dict:
-        """Checksum ``files`` and skipped.tsv, write ``done.json`` last, drop the staging."""
+                    summary["clipped"][name] += sum(s.clipped[name] for s in chrom_sources if s.size)
+        lines = heapq.merge(*skipped, key=lambda x: x[0])
+        summary["skipped"] = write_skipped(self.out / "skipped.tsv", (line for _, line in lines))
         for name in list(files) + ["skipped.tsv"]:
             files.setdefault(name, {})["sha256"] = sha256_file(self.out / name)
         done = {"files": files, "summary": summary, **extra}
@@ -269,7 +260,7 @@ def write_skipped(path: Path, lines: Iterable[str]) -> dict[str, int]:
             counts[reason] = counts.get(reason, 0) + 1
             f.write(line.encode() + b"\n")
 
-    _fsync_write(path, write)
+    atomic_write(path, write)
     return dict(sorted(counts.items()))
 
 
@@ -303,8 +294,7 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
     and ``pieces()`` yielding row arrays), built under a temporary name in ``tmp_dir`` and renamed."""
     n, n_tracks = sum(s.size for s in sources), len(targets)
     widths = {f: max([1] + [s.widths[f] for s in sources if s.size]) for f in ("snp", "chr", "ref", "alt")}
-    tmp = _tmp_name(path, tmp_dir)
-    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+    with atomic_path(path, tmp_dir) as tmp, h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
         for key, value in sorted(attrs.items()):
             f.attrs[key] = value
         datasets = {field: f.create_dataset(field, (n,), dtype=np.uint32 if field == "pos" else f"S{widths[field]}",
@@ -320,15 +310,12 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
                 for piece in source.pieces():
                     writer.add(piece)
         writer.flush()
-        f.create_dataset("target_ids", data=_strings(targets.ids), track_times=False)
-        f.create_dataset("target_labels", data=_strings(targets.labels), track_times=False)
+        f.create_dataset("target_ids", data=byte_strings(targets.ids), track_times=False)
+        f.create_dataset("target_labels", data=byte_strings(targets.labels), track_times=False)
         f["ref_allele"] = h5py.SoftLink("/ref")  # Basenji's own names for the alleles
         f["alt_allele"] = h5py.SoftLink("/alt")
         if percentiles:
             _write_percentiles(f, stats)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_percentiles(f: h5py.File, stats: Sequence[str], max_block_bytes: int = 1 << 29) -> None:

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError
 from .output import DONE, ROW_FIELDS, sha256_file
 from .tabix import bgzip_and_index
@@ -70,15 +71,10 @@ class PcaTransform:
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` (no pickles) atomically: temporary name, fsync, rename."""
         path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, mean=self.mean, components=self.components, explained_variance=self.explained_variance,
-                     explained_variance_ratio=self.explained_variance_ratio,
-                     target_ids=np.array(self.target_ids, dtype=str), stat=np.array(self.stat),
-                     rows=np.int64(self.rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(
+            f, mean=self.mean, components=self.components, explained_variance=self.explained_variance,
+            explained_variance_ratio=self.explained_variance_ratio, target_ids=np.array(self.target_ids, dtype=str),
+            stat=np.array(self.stat), rows=np.int64(self.rows)))
         return path
 
     @classmethod

@@ -23,7 +23,7 @@ from . import __version__
 from .errors import EnformerVepError, InputError
 from .genome import Genome, GenomeBlocks
 from .output import RunDirectory
-from .scoring import STATISTICS, VariantScorer, default_precision, to_float16
+from .scoring import STATISTICS, VariantScorer, default_device, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
 from .targets import head_targets, select_tracks
 from .variants import Allele, Skip, read_variants
@@ -151,8 +151,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     ``options.model`` (tests, benchmarks; one device only)."""
     started = time.monotonic()
     genome = Genome(options.fasta)
-    devices = resolve_devices(options.devices) if options.devices else [
-        options.device or ("cuda" if torch.cuda.is_available() else "cpu")]
+    devices = resolve_devices(options.devices) if options.devices else [default_device(options.device)]
     if model is not None and len(devices) > 1:
         raise InputError("an in-memory model runs on one device; pass --model to use several")
     part = None
@@ -262,7 +261,8 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
 class _Block:
     chrom: str
     index: int
-    mine: bool
+    in_part: bool  # one of the blocks this run (or shard) covers
+    mine: bool  # in the part, this worker's, and not staged yet
     rows: list = dataclasses.field(default_factory=list)
     skips: list = dataclasses.field(default_factory=list)
     mismatched: int = 0
@@ -301,8 +301,8 @@ def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, 
                     mine = in_part and len(blocks) % workers == worker and not run.chunk_done(item.chrom, index)
                     if in_part:
                         blocks.append((item.chrom, index))
-                    block = current[item.chrom] = _Block(item.chrom, index, mine)
-                records += part is None or (item.chrom, block.index) in part.blocks
+                    block = current[item.chrom] = _Block(item.chrom, index, in_part, mine)
+                records += block.in_part
             if not block.mine:
                 continue
             item, mismatch = _checked(item, genome, options.ref_mismatch)

@@ -9,7 +9,6 @@ centred on ``x = p``, so a bin covering the 0-based half-open ``[s, s + bin_size
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
+from .atomic import atomic_write
 from .errors import InputError
 
 # Beyond this the figure outgrows what Agg can rasterise (2**16 pixels a side) and is unreadable anyway.
@@ -166,20 +166,12 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise InputError(f"{path}: a figure is written as .png or .pdf")
-    directory, name = os.path.split(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-    except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # No creation date in PDFs, so the same figure gives the same bytes.
-            fig.savefig(f, format=fmt, dpi=150, metadata={"CreationDate": None} if fmt == "pdf" else None)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a figure is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise InputError(f"cannot write {path}: {directory} is not a writable directory")
+    # No creation date in PDFs, so the same figure gives the same bytes.
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150,
+                                             metadata={"CreationDate": None} if fmt == "pdf" else None))
 
 
 def _closed(values: np.ndarray) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Track predictions for genomic regions, written as HDF5 or bigWig files."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -12,9 +11,11 @@ import h5py
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import InputError
 from .genome import Genome
 from .model import BIN_SIZE, TARGET_LENGTH, Enformer
+from .output import byte_strings
 from .regions import BINS_SPAN, Region, model_input, window_for
 from .targets import Targets
 from .windows import one_hot
@@ -64,27 +65,6 @@ def _predict_batch(model, genome, regions, head, columns, device) -> Iterator[Re
         yield region, window_for(region)[1], values
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; renamed to ``path`` (after an fsync) when the
-    block succeeds, removed when it fails, so ``path`` is always either absent, old or complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _strings(values: Sequence[str]) -> np.ndarray:
-    """Fixed-width bytes ``S`` (UTF-8), the layout the score files use."""
-    encoded = [v.encode() for v in values]
-    return np.array(encoded, dtype=f"S{max([1] + [len(v) for v in encoded])}")
-
-
 def write_predictions_h5(path: str | os.PathLike, results: Iterable[Result], targets: Targets) -> int:
     """Write ``results`` (as from :func:`predict_regions`) to HDF5 ``path`` atomically; return the
     number of regions R. ``targets`` describes the T predicted columns, in order.
@@ -111,13 +91,13 @@ def write_predictions_h5(path: str | os.PathLike, results: Iterable[Result], tar
                 predictions[len(regions)] = values
                 regions.append(region)
                 bin_starts.append(starts)
-            f["chrom"] = _strings([r.chrom for r in regions])
+            f["chrom"] = byte_strings([r.chrom for r in regions])
             f["start"] = np.array([r.start for r in regions], dtype=np.int64)
             f["end"] = np.array([r.end for r in regions], dtype=np.int64)
-            f["name"] = _strings([r.name for r in regions])
+            f["name"] = byte_strings([r.name for r in regions])
             f["bin_start"] = np.array(bin_starts, dtype=np.int64).reshape(len(regions), TARGET_LENGTH)
-            f["target_ids"] = _strings(targets.ids)
-            f["target_labels"] = _strings(targets.labels)
+            f["target_ids"] = byte_strings(targets.ids)
+            f["target_labels"] = byte_strings(targets.labels)
     return len(regions)
 
 

@@ -30,13 +30,18 @@ class Region:
     name: str
 
 
+def bin_starts(centre: int) -> np.ndarray:
+    """The 0-based genome start of each output bin, ``int64 [896]``, of the window centred on ``centre``
+    (``[centre - 196,608, centre + 196,608)``; a variant at 1-based POS has ``centre = POS``): from
+    ``centre - 57,344`` in steps of 128."""
+    return centre - BINS_SPAN // 2 + BIN_SIZE * np.arange(TARGET_LENGTH, dtype=np.int64)
+
+
 def window_for(region: Region) -> tuple[int, np.ndarray]:
     """``(window_start, bin_starts)``: the 0-based start of the 393,216-bp window centred on ``region``
-    (centre ``c = (start + end) // 2``, window ``[c - 196,608, c + 196,608)``) and the 0-based
-    genome start of each output bin, ``int64 [896]``, from ``c - 57,344`` in steps of 128."""
+    (centre ``c = (start + end) // 2``, window ``[c - 196,608, c + 196,608)``) and its bins' starts."""
     centre = (region.start + region.end) // 2
-    bin_starts = centre - BINS_SPAN // 2 + BIN_SIZE * np.arange(TARGET_LENGTH, dtype=np.int64)
-    return centre - HUB_SEQUENCE_LENGTH // 2, bin_starts
+    return centre - HUB_SEQUENCE_LENGTH // 2, bin_starts(centre)
 
 
 def model_input(genome: Genome, region: Region) -> tuple[int, np.ndarray]:

@@ -84,6 +84,11 @@ def shifted(codes: np.ndarray, shift: int) -> np.ndarray:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def default_device(name: str | None = None) -> str:
+    """``name``, or by default cuda when a GPU is visible, else cpu."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def default_precision(device: torch.device) -> str:
     """float32 on CPU; TF32 matmuls on CUDA (float32 storage and accumulation)."""
     return "tf32" if device.type == "cuda" else "fp32"

@@ -22,7 +22,6 @@ import inspect
 import itertools
 import logging
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import InputError
 from .model import Enformer
 
@@ -210,12 +210,7 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write ``state`` with :func:`torch.save` atomically (a temporary name, fsync, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import atomic_path
 from .download import cache_dir, extract_savedmodel, fetch
 from .errors import DownloadError, WeightsError
 from .model import Enformer, EnformerConfig
@@ -304,11 +305,10 @@ def save_native(state: Mapping[str, torch.Tensor], dest: str | Path, source: str
     config = infer_config(state)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
     metadata = {"format": NATIVE_FORMAT, "config": json.dumps(config.to_dict()),
                 "enformer_vep_version": __version__, "source": str(source)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=metadata)
-    os.replace(partial, dest)
+    with atomic_path(dest) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return dest
 
 

@@ -237,10 +237,10 @@ def test_unwritable_directory_gives_clear_error(tmp_path, monkeypatch):
             writable = False
         if writable:  # running as root: permissions do not stop writes, so refuse the write the way the OS would
 
-            def refuse(path, content):
+            def refuse(path, write):
                 raise PermissionError(errno.EACCES, "Permission denied", path)
 
-            monkeypatch.setattr(genome_module, "_write_atomic", refuse)
+            monkeypatch.setattr(genome_module, "atomic_write", refuse)
         with pytest.raises(InputError, match=r"t\.fa\.fai is missing and cannot be written \(Permission denied\)"
                                              r".*samtools faidx .*t\.fa"):
             Genome(folder / "t.fa")
@@ -253,10 +253,10 @@ def test_unwritable_gzi_gives_clear_error(tmp_path, monkeypatch):
     compressed, _ = bgzip(b">a\nACGT\n", 4)
     (tmp_path / "t.fa.gz").write_bytes(compressed)
 
-    def refuse(path, content):
+    def refuse(path, write):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(genome_module, "_write_atomic", refuse)
+    monkeypatch.setattr(genome_module, "atomic_write", refuse)
     with pytest.raises(InputError, match=r"t\.fa\.gz\.gzi is missing .*samtools faidx"):
         Genome(tmp_path / "t.fa.gz")
 

@@ -1,0 +1,30 @@
+"""Files that appear whole or not at all: written under a temporary name, fsync'ed, then renamed."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A temporary path to write ``path``'s content to, in ``directory`` (default: beside ``path``) and
+    named after ``path`` and this process, so two processes (a rerun and a dying worker of the run
+    before) never write into the same one. When the block succeeds it is fsync'ed and renamed to
+    ``path``; when it fails it is removed: ``path`` is always absent, old or complete."""
+    path = Path(path)
+    tmp = Path(directory or path.parent) / f"{path.name}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> None:
+    """Write ``path`` through ``write(binary file)``, atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
