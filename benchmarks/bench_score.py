@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from enformer_vep.genome import Genome  # noqa: E402
 from enformer_vep.model import HUB_SEQUENCE_LENGTH, SEQUENCE_LENGTH, Enformer, EnformerConfig  # noqa: E402
-from enformer_vep.scoring import VariantScorer  # noqa: E402
+from enformer_vep.scoring import PRECISIONS, VariantScorer  # noqa: E402
 from enformer_vep.windows import allele_windows  # noqa: E402
 
 CROP = slice((HUB_SEQUENCE_LENGTH - SEQUENCE_LENGTH) // 2, (HUB_SEQUENCE_LENGTH + SEQUENCE_LENGTH) // 2)
@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the enformer-pytorch baseline (default: on)")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="our scorer's reference-trunk reuse for SNV/MNP (default: on)")
+    p.add_argument("--run", dest="runs", action="append", metavar="SPEC",
+                   help="one configuration of our scorer, repeatable; replaces --precisions/--reuse/--batch-size: "
+                        "PRECISION[:reuse|:noreuse][:bN][:cudnn-benchmark][:compile], e.g. bf16/tf32:b32:compile")
     p.add_argument("--quick", action="store_true", help="tiny model, few variants, CPU: a smoke run in CI time")
     p.add_argument("--fasta", help="place the variants on this FASTA instead of a synthetic genome")
     p.add_argument("--genome-size", type=int, default=None, help="synthetic genome length in bp (default 3 Mb, "
@@ -105,7 +108,48 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--batch-size must be a number or 'auto', not {args.batch_size!r}")
     if args.variants < 1 or not 0 <= args.indel_fraction <= 1:
         p.error("--variants must be >= 1 and --indel-fraction within [0, 1]")
+    try:
+        args.runs = ([parse_run(text) for text in args.runs] if args.runs else
+                     [RunSpec(precision, args.reuse, args.batch_size) for precision in args.precisions])
+    except ValueError as error:
+        p.error(str(error))
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One configuration of our scorer (a row of the table)."""
+
+    precision: str
+    reuse: bool = True
+    batch: int | None = None  # sequences per pass; None = the scorer's auto
+    cudnn_benchmark: bool = False
+    compile: bool = False
+
+    @property
+    def scorer(self) -> str:
+        flags = ["reuse" if self.reuse else "no reuse"] + ["cudnn-benchmark"] * self.cudnn_benchmark \
+            + ["compile"] * self.compile
+        return f"ours ({', '.join(flags)})"
+
+
+def parse_run(text: str) -> RunSpec:
+    """``PRECISION[:reuse|:noreuse][:bN][:cudnn-benchmark][:compile]`` -> RunSpec."""
+    precision, *flags = text.strip().split(":")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--run {text!r}: precision must be one of {', '.join(PRECISIONS)}")
+    spec = dict(precision=precision)
+    for flag in flags:
+        if flag in ("reuse", "noreuse"):
+            spec["reuse"] = flag == "reuse"
+        elif flag in ("cudnn-benchmark", "compile"):
+            spec[flag.replace("-", "_")] = True
+        elif flag[:1] == "b" and flag[1:].isdigit() and int(flag[1:]) >= 2:
+            spec["batch"] = int(flag[1:])
+        else:
+            raise ValueError(f"--run {text!r}: unknown part {flag!r} (reuse, noreuse, bN with N >= 2, "
+                             f"cudnn-benchmark, compile)")
+    return RunSpec(**spec)
 
 
 # --- model size and arithmetic -------------------------------------------------------------------------
@@ -327,20 +371,29 @@ def run_baseline(model, head: str, ref: np.ndarray, alt: np.ndarray, device: tor
     return {"sad": sad, "seconds": seconds, "peak_mib": peak, "peak_kind": kind, "batch": 1}
 
 
-def run_ours(model, head: str, precision: str, args, ref: np.ndarray, alt: np.ndarray, memory: PeakMemory) -> dict:
-    kwargs = dict(head=head, tracks=None, stats=("SAD",), device=args.device, batch_size=args.batch_size,
-                  reuse=args.reuse)
-    if "precision" in inspect.signature(VariantScorer).parameters:
-        kwargs["precision"] = precision
-    elif precision != "fp32":
-        raise RuntimeError("this VariantScorer has no precision option")
-    scorer = VariantScorer(model, **kwargs)
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's benchmark mode: each new convolution shape times the candidate algorithms once."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def run_ours(model, head: str, spec: RunSpec, args, ref: np.ndarray, alt: np.ndarray, memory: PeakMemory) -> dict:
+    scorer = VariantScorer(model, head=head, tracks=None, stats=("SAD",), device=args.device, batch_size=spec.batch,
+                           reuse=spec.reuse, precision=spec.precision, compile=spec.compile)
     per_call = scorer.batch_size  # variants per score() call, as the pipeline groups them
     warmup = args.warmup if args.warmup is not None else (per_call if args.device.type == "cuda" else 1)
-    with strict_float32():  # fp32 means fp32; the scorer switches TF32 on itself for "tf32"
-        if warmup:
+    # fp32 means fp32; the scorer switches TF32 on itself for "tf32"
+    with strict_float32(), cudnn_benchmark(spec.cudnn_benchmark):
+        start = time.perf_counter()
+        if warmup:  # compilation and cuDNN's algorithm search happen here (and on each new shape later)
             scorer.score(ref[:warmup], alt[:warmup])
         synchronize(args.device)
+        warmup_seconds = time.perf_counter() - start
         memory.reset()
         start = time.perf_counter()
         parts = []
@@ -351,7 +404,7 @@ def run_ours(model, head: str, precision: str, args, ref: np.ndarray, alt: np.nd
         seconds = time.perf_counter() - start
     peak, kind = memory.read()
     return {"sad": np.concatenate(parts), "seconds": seconds, "peak_mib": peak, "peak_kind": kind,
-            "batch": scorer.batch_size}
+            "batch": scorer.batch_size, "warmup_seconds": warmup_seconds, "warmup_variants": warmup}
 
 
 # --- agreement -----------------------------------------------------------------------------------------
@@ -370,6 +423,24 @@ def agreement(sad: np.ndarray, reference: np.ndarray) -> dict:
             "max_rel_diff": (float(np.abs(sad.astype(np.float64) - reference).max() / span) if span > 0
                              else float("nan")),
             "r_per_variant": [float(x) for x in r]}
+
+
+def effect_quartiles(reference: np.ndarray) -> np.ndarray:
+    """Quartile (0 = smallest effects .. 3) of each variant by its largest |SAD| over tracks in ``reference``."""
+    size = np.abs(reference.astype(np.float64)).max(axis=1)
+    ranks = np.argsort(np.argsort(size, kind="stable"), kind="stable")
+    return (4 * ranks) // len(size)
+
+
+def stratified(r_per_variant: list[float], quartile: np.ndarray, is_snv: np.ndarray) -> dict:
+    """Median and worst r per effect-size quartile and per variant kind."""
+    r = np.asarray(r_per_variant, dtype=np.float64)
+    groups = {f"Q{q + 1}": quartile == q for q in range(4)} | {"SNV": is_snv, "indel": ~is_snv}
+    out = {}
+    for name, mask in groups.items():
+        values = r[mask & np.isfinite(r)]
+        out[name] = ([float(np.median(values)), float(values.min())] if len(values) else None)
+    return out
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -443,19 +514,22 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             model.to(device)
-    ours_name = "ours (reuse)" if args.reuse else "ours (no reuse)"
-    for precision in args.precisions:
+    for spec in args.runs:
         try:
-            run = run_ours(model, head, precision, args, ref, alt, memory)
-            results.append({"scorer": ours_name, "precision": precision, **run})
+            run = run_ours(model, head, spec, args, ref, alt, memory)
+            results.append({"scorer": spec.scorer, "precision": spec.precision, **run})
         except Exception as error:  # noqa: BLE001
-            results.append({"scorer": ours_name, "precision": precision, "error": f"{type(error).__name__}: {error}"})
+            results.append({"scorer": spec.scorer, "precision": spec.precision,
+                            "error": f"{type(error).__name__}: {error}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # derived numbers
-    reference = next((r["sad"] for r in results if r["scorer"] == ours_name and r["precision"] == "fp32"
-                      and "sad" in r), None)
+    # derived numbers; the reference is fp32 without reuse (two plain passes) when run, else the first fp32
+    ours_fp32 = [r for r in results if r["scorer"].startswith("ours") and r["precision"] == "fp32" and "sad" in r]
+    reference_run = next((r for r in ours_fp32 if "no reuse" in r["scorer"]), ours_fp32[0] if ours_fp32 else None)
+    reference = None if reference_run is None else reference_run["sad"]
+    quartile = None if reference is None else effect_quartiles(reference)
+    is_snv = np.array([len(r) == len(a) for _, _, r, a in variants])
     base_rate = next((len(variants) / r["seconds"] for r in results if r["scorer"] == "enformer-pytorch"
                       and "seconds" in r), None)
     for r in results:
@@ -466,11 +540,14 @@ def main(argv=None) -> int:
         r["useful_tflops"] = 2 * flops["total"] * r["variants_per_s"] / 1e12
         r["fraction_of_peak"] = r["useful_tflops"] / args.peak_tflops if args.peak_tflops else None
         r["agreement"] = agreement(r["sad"], reference) if reference is not None else None
+        if r["agreement"] is not None:
+            r["agreement"]["by_group"] = stratified(r["agreement"]["r_per_variant"], quartile, is_snv)
         r["sad_range"] = [float(r["sad"].min()), float(r["sad"].max())]
+        r["is_reference"] = r is reference_run
 
     header = ["scorer", "precision", "batch", "variants/s", "speedup", "peak memory", "useful TFLOP/s", "% of peak",
               "r median", "r worst", "max|dSAD|/range"]
-    rows, md_rows = [], []
+    rows, md_rows, group_rows = [], [], []
     model_md = f"{source}; {params / 1e6:.3g} M params"
     for r in results:
         if "error" in r:
@@ -479,24 +556,36 @@ def main(argv=None) -> int:
                             r["scorer"], r["precision"], "-", "failed: " + r["error"][:200]] + [""] * 7)
             continue
         ag = r["agreement"] or {}
-        is_reference = r["scorer"] == ours_name and r["precision"] == "fp32"
         cells = [r["scorer"], r["precision"], str(r["batch"]), f"{r['variants_per_s']:.3g}",
                  fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""),
                  f"{r['peak_mib']:.0f} MiB {r['peak_kind']}", f"{r['useful_tflops']:.3g}",
                  fmt(None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], ".2f"),
-                 "(reference)" if is_reference else fmt(ag.get("r_median"), ".6f"),
-                 "" if is_reference else fmt(ag.get("r_worst"), ".6f"),
-                 "" if is_reference else fmt(ag.get("max_rel_diff"), ".2e")]
+                 "(reference)" if r["is_reference"] else fmt(ag.get("r_median"), ".6f"),
+                 "" if r["is_reference"] else fmt(ag.get("r_worst"), ".6f"),
+                 "" if r["is_reference"] else fmt(ag.get("max_rel_diff"), ".2e")]
         rows.append(cells)
         md_rows.append([_common.today(), device_text, revision, model_md, f"{n_snv} SNV + {n_indel} indel"] + cells)
+        if ag and not r["is_reference"]:
+            group_rows.append([r["scorer"], r["precision"], str(r["batch"])] + [
+                "n/a" if v is None else f"{v[0]:.4f} / {v[1]:.4f}" for v in ag["by_group"].values()])
     print()
     _common.print_table(header, rows)
+    if group_rows:
+        print()
+        print("agreement by effect size (variants in quartiles of their largest |SAD| in the reference, Q1 = "
+              "smallest) and by kind: r median / r worst")
+        _common.print_table(["scorer", "precision", "batch", "Q1", "Q2", "Q3", "Q4", "SNV", "indel"], group_rows)
     print()
     print("notes: variants/s over the whole timed loop (baseline: host one-hot + 2 batch-1 passes per variant; ours: "
-          "score() per batch of windows, reference-trunk reuse " + ("on" if args.reuse else "off") + ").")
-    print("       agreement = Pearson r of SAD over tracks per variant, and max|dSAD| over the fp32 SAD range, "
-          f"both against {ours_name} fp32; the baseline row compares enformer-pytorch with the same weights.")
+          "score() per batch of windows).")
+    if reference_run is not None:
+        print(f"       agreement = Pearson r of SAD over tracks per variant, and max|dSAD| over the fp32 SAD range, "
+              f"both against {reference_run['scorer']} fp32; the baseline row compares enformer-pytorch with the "
+              f"same weights.")
     for r in results:
+        if r.get("warmup_seconds") is not None and ("compile" in r["scorer"] or "cudnn" in r["scorer"]):
+            print(f"       {r['scorer']} {r['precision']}: warm-up ({r['warmup_variants']} variants, compilation or "
+                  f"algorithm search included) {r['warmup_seconds']:.1f} s")
         if r.get("note"):
             print(f"       {r['scorer']}: {r['note']}.")
         if r.get("error"):

@@ -119,9 +119,11 @@ def _stats(text: str) -> tuple[str, ...]:
               help="Sequences per forward pass (each variant needs 2 x shifts x (2 with --rc) sequences). "
                    "auto: on CUDA start at 64 and halve after an out-of-memory error until a batch fits; "
                    "4 on CPU.")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
-              help="Trunk arithmetic: fp32, tf32 (TF32 matmuls, CUDA) or bf16 (autocast). The output heads "
-                   "and statistics are always float32. Default: fp32 on CPU, tf32 on CUDA.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "bf16/tf32", "bf16/fp32"]),
+              help="Trunk arithmetic: fp32, tf32 (TF32 matmuls, CUDA) or bf16 (autocast) for both stages, or "
+                   "CONV/TRANSFORMER: bf16/tf32 and bf16/fp32 run the conv tower in bf16 and the transformer "
+                   "in tf32 or fp32. The transformer's residual stream, the output heads and the statistics "
+                   "are always float32. Default: fp32 on CPU, tf32 on CUDA.")
 @click.option("--reuse/--no-reuse", default=None,
               help="Reference-trunk reuse: for an SNV or MNP, compute the conv tower once for the reference "
                    "and recompute only the few positions the change reaches (about 1.5-2x faster). Equal to "

@@ -176,11 +176,15 @@ def relative_position_features(seq_len: int, num_features: int) -> torch.Tensor:
 
 
 def relative_shift(x: torch.Tensor) -> torch.Tensor:
-    """Transformer-XL shift ``[B, H, T, 2T-1] -> [B, H, T, T]``: entry (i, j) takes distance j - i."""
-    b, h, t, _ = x.shape
-    x = torch.cat([torch.zeros_like(x[..., :1]), x], dim=-1)  # [B, H, T, 2T]
-    x = x.view(b, h, 2 * t, t)[:, :, 1:]                      # [B, H, 2T-1, T]
-    return x.reshape(b, h, t, 2 * t - 1)[..., :t]
+    """Transformer-XL shift ``[B, H, T, 2T-1] -> [B, H, T, T]``: entry (i, j) takes distance j - i.
+
+    Column ``n`` of ``x`` holds distance ``n - (T-1)``, so entry (i, j) is column ``j - i + T - 1``:
+    row i of the result starts ``T-1-i`` elements into row i of ``x``, a strided view (no copy;
+    the official pad-reshape-slice form copies the ``[B, H, T, 2T-1]`` logits twice).
+    """
+    b, h, t, n = x.shape
+    x = x.contiguous()
+    return x.as_strided((b, h, t, t), (h * t * n, t * n, n - 1, 1), x.storage_offset() + t - 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -197,7 +201,7 @@ class MultiHeadAttention(nn.Module):
         self.r_w_bias = nn.Parameter(torch.zeros(1, h, 1, k))
         self.r_r_bias = nn.Parameter(torch.zeros(1, h, 1, k))
         self.to_out = nn.Linear(h * v, cfg.channels)
-        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.attention_dropout = attention_dropout  # on the softmax weights, in training only
         self.positional_dropout = nn.Dropout(positional_dropout)
 
     def _split_heads(self, x):  # [B, T, H*D] -> [B, H, T, D]
@@ -210,13 +214,15 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.to_q(x)) * self.key_size**-0.5
         k = self._split_heads(self.to_k(x))
         v = self._split_heads(self.to_v(x))
-        content = torch.einsum("bhik,bhjk->bhij", q + self.r_w_bias, k)
         features = relative_position_features(t, self.to_rel_k.in_features)
         features = self.positional_dropout(features.to(device=x.device, dtype=x.dtype))
         r_k = self.to_rel_k(features).view(2 * t - 1, self.num_heads, -1).transpose(0, 1)  # [H, 2T-1, K]
-        relative = torch.einsum("bhik,hnk->bhin", q + self.r_r_bias, r_k)
-        weights = self.attention_dropout((content + relative_shift(relative)).softmax(dim=-1))
-        out = torch.einsum("bhij,bhjv->bhiv", weights, v)
+        relative = relative_shift(torch.einsum("bhik,hnk->bhin", q + self.r_r_bias, r_k))  # [B, H, T, T]
+        # softmax((q + r_w_bias) k^T + relative) v in one fused kernel: the content logits and the
+        # softmax weights never reach device memory; q is already scaled, so scale=1
+        out = F.scaled_dot_product_attention(
+            (q + self.r_w_bias).to(v.dtype), k, v, attn_mask=relative.to(v.dtype), scale=1.0,
+            dropout_p=self.attention_dropout if self.training else 0.0)  # [B, H, T, V]
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
 
 

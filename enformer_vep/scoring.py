@@ -81,7 +81,13 @@ def shifted(codes: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+# One name sets both stages; "CONV/TRANSFORMER" sets the conv tower and the transformer apart.
+PRECISIONS = ("fp32", "tf32", "bf16", "bf16/tf32", "bf16/fp32")
+
+
+def stage(name: str):
+    """A labelled range in ``torch.profiler`` traces (benchmarks/profile_score.py sums device time per stage)."""
+    return torch.profiler.record_function(f"enformer_vep: {name}")
 
 
 def default_device(name: str | None = None) -> str:
@@ -94,9 +100,17 @@ def default_precision(device: torch.device) -> str:
     return "tf32" if device.type == "cuda" else "fp32"
 
 
+def stage_precisions(precision: str) -> tuple[str, str]:
+    """(conv tower, transformer) precisions of a ``PRECISIONS`` name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    conv, _, transformer = precision.partition("/")
+    return conv, transformer or conv
+
+
 @contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device):
-    """Autocast for bf16; the TF32 switches for tf32 (restored afterwards)."""
+    """Autocast for bf16; the TF32 switches for tf32 (restored afterwards). One stage's name."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
@@ -114,21 +128,25 @@ class VariantScorer:
     sequences per forward pass; ``None`` (auto) starts at 64 on CUDA and halves after each
     out-of-memory error until a batch fits (4 on CPU). With ``reuse`` (and a model that
     supports it) an alternative that differs from its reference in a short stretch reuses the
-    reference's conv tower. ``precision`` (fp32, tf32, bf16) applies to the trunk; the output
-    heads and the statistics are always float32.
+    reference's conv tower. ``precision`` (one of ``PRECISIONS``) applies to the trunk: one
+    name for both stages, or ``CONV/TRANSFORMER``; the transformer's residual stream, the output
+    heads and the statistics are always float32. With ``compile`` the full-window conv tower and
+    the transformer run through ``torch.compile`` (compiled on first use, per batch shape).
     """
 
     def __init__(self, model, *, head: str = "human", tracks: np.ndarray | None = None,
                  stats: Sequence[str] = ("SAD", "SAR"), rc: bool = False, shifts: Sequence[int] = (0,),
                  device: str | torch.device = "cpu", batch_size: int | None = 4, reuse: bool = True,
-                 precision: str | None = None):
+                 precision: str | None = None, compile: bool = False):
         self.model, self.head, self.stats, self.reuse = model, head, list(stats), reuse
         self.rc, self.shifts = rc, list(shifts)
         self.device = torch.device(device)
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
         self.precision = precision or default_precision(self.device)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        self.conv_precision, self.transformer_precision = stage_precisions(self.precision)
+        self._convolve, self._attend = (getattr(model, "convolve", None), getattr(model, "attend", None))
+        if compile and hasattr(model, "trunk"):
+            self._convolve, self._attend = torch.compile(model.convolve), torch.compile(model.attend)
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
@@ -158,8 +176,9 @@ class VariantScorer:
         for (ref_view, reverse), (alt_view, _) in views:
             for start in range(0, len(ref), group):
                 stop = start + group  # reference and alternative encoded together: no copy to join them
-                p_ref, p_alt = self._predict_group(self._encode(np.concatenate([ref_view[start:stop],
-                                                                                alt_view[start:stop]])))
+                with stage("encode"):
+                    x = self._encode(np.concatenate([ref_view[start:stop], alt_view[start:stop]]))
+                p_ref, p_alt = self._predict_group(x)
                 if reverse:
                     p_ref, p_alt = p_ref.flip(1), p_alt.flip(1)
                 if total_ref is None:
@@ -177,33 +196,48 @@ class VariantScorer:
         model, n = self.model, len(x) // 2
         if not hasattr(model, "trunk"):  # a plain scorer model (tests' toy models)
             both = model.predict_tracks(x, self.head, self.tracks).float()
+            return both[:n], both[n:]
+        if self.reuse and hasattr(model, "convolve_changed"):
+            conv = self._reuse_reference_conv(x)
         else:
-            with precision_mode(self.precision, self.device):
-                if self.reuse and hasattr(model, "convolve_changed"):
-                    embedding = self._reuse_reference_trunk(x[:n], x[n:])
-                else:
-                    embedding = model.trunk(x)
-            both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
+            with precision_mode(self.conv_precision, self.device), stage("conv tower"):
+                conv = self._convolve(x)
+        with precision_mode(self.transformer_precision, self.device):
+            with stage("transformer"):
+                conv = self._attend(conv.float())
+            with stage("final block + heads"):
+                embedding = model.embed(conv)
+                both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
         return both[:n], both[n:]
 
-    def _reuse_reference_trunk(self, x_ref: torch.Tensor, x_alt: torch.Tensor) -> torch.Tensor:
-        """Trunk embeddings ``[2B, 896, 2C]`` (references, then alternatives). The conv tower runs
-        once for the references; alternatives differing in a short stretch (SNV, MNP) recompute
-        only the bins it can reach. The transformer and the heads run on both."""
-        model = self.model
-        x_ref, x_alt = model.crop_input(x_ref), model.crop_input(x_alt)
-        conv_ref = model.convolve(x_ref)
-        differs = (x_ref != x_alt).any(dim=-1)  # [B, L]
+    def _reuse_reference_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv-tower outputs ``[2B, T, C]`` float32 of ``x: [2B, L, 4]`` (B references, then their
+        B alternatives), computing the conv tower once for the references.
+
+        An alternative differing in a short stretch (SNV, MNP) recomputes only the bins the change
+        can reach, from an input patch; the reference's same bins are recomputed from its own patch
+        in the same call. Both patches run at the transformer's precision: the shared bins (the
+        context, at the conv tower's precision) are one computation for both alleles, so everything
+        that tells the alleles apart is computed at the transformer's precision. Longer changes
+        (indels shift everything after them) run the conv tower in full at its own precision.
+        """
+        model, n = self.model, len(x) // 2
+        x = model.crop_input(x)
+        with precision_mode(self.conv_precision, self.device), stage("conv tower"):
+            context = self._convolve(x[:n]).float()
+        differs = (x[:n] != x[n:]).any(dim=-1)  # [B, L]
         length = differs.shape[1]
         first = differs.float().argmax(dim=1).tolist()
         last = (length - 1 - differs.flip(1).float().argmax(dim=1)).tolist()
         changed = [None if not any_ else (f, l) for any_, f, l in zip(differs.any(dim=1).tolist(), first, last)]
         short = [c if c is None or c[1] - c[0] < MAX_REUSED_SPAN else None for c in changed]
-        conv_alt = model.convolve_changed(conv_ref, x_alt, short)
-        long = [i for i, (c, s) in enumerate(zip(changed, short)) if c is not None and s is None]
-        if long:  # indels shift everything after them: their conv tower runs in full
-            conv_alt[long] = model.convolve(x_alt[long])
-        return model.embed(model.attend(torch.cat([conv_ref, conv_alt])))
+        with precision_mode(self.transformer_precision, self.device), stage("conv tower patches"):
+            conv = model.convolve_changed(torch.cat([context, context]), x, short + short)
+        long = [n + i for i, (c, s) in enumerate(zip(changed, short)) if c is not None and s is None]
+        if long:
+            with precision_mode(self.conv_precision, self.device), stage("conv tower"):
+                conv[long] = self._convolve(x[long]).float()
+        return conv
 
     def score(self, ref: np.ndarray, alt: np.ndarray) -> dict[str, np.ndarray]:
         """Statistics ``{name: [B, T] float32}`` for windows ``ref, alt: [B, L]`` uint8.
@@ -220,4 +254,5 @@ class VariantScorer:
                 self.batch_size //= 2
                 torch.cuda.empty_cache()
                 log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
-        return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}
+        with stage("statistics"):
+            return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}

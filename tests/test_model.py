@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from enformer_vep.model import (Enformer, EnformerConfig, SoftmaxPool, gelu, relative_position_features,
-                                relative_shift)
+from enformer_vep.model import (Enformer, EnformerConfig, MultiHeadAttention, SoftmaxPool, gelu,
+                                relative_position_features, relative_shift)
 from enformer_vep.weights import build_model, convert_official
 
 from helpers import DATA, relative_error
@@ -90,6 +90,50 @@ def test_relative_shift_puts_distance_key_minus_query_at_each_entry():
     shifted = relative_shift(logits)[0, 0]
     expected = torch.tensor([[j - i for j in range(t)] for i in range(t)], dtype=torch.float32)
     assert torch.equal(shifted, expected)
+
+
+def test_relative_shift_of_batches_and_heads_takes_column_j_minus_i_plus_t_minus_1():
+    t = 6
+    x = torch.randn(2, 3, t, 2 * t - 1)
+    expected = torch.empty(2, 3, t, t)
+    for i in range(t):
+        for j in range(t):
+            expected[:, :, i, j] = x[:, :, i, j - i + t - 1]
+    assert torch.equal(relative_shift(x), expected)
+    assert torch.equal(relative_shift(x.transpose(0, 1).contiguous().transpose(0, 1)), expected)  # any strides
+
+
+def test_attention_equals_the_relative_position_formula_computed_by_hand():
+    """softmax_j((q_i/sqrt(K) + r_w) . k_j + (q_i/sqrt(K) + r_r) . r_k[j - i]) v_j per head, in float64 loops."""
+    cfg = EnformerConfig(channels=24, num_heads=2, num_transformer_layers=1, key_size=8, conv_filters=[24] * 6,
+                         heads={"human": 1})
+    torch.manual_seed(3)
+    attention = MultiHeadAttention(cfg).eval()
+    with torch.no_grad():
+        attention.r_w_bias.normal_()
+        attention.r_r_bias.normal_()
+    t = 10
+    x = torch.randn(2, t, cfg.channels)
+    with torch.no_grad():
+        got = attention(x).double().numpy()
+        q = attention.to_q(x).double().numpy().reshape(2, t, 2, 8) / math.sqrt(8)
+        k = attention.to_k(x).double().numpy().reshape(2, t, 2, 8)
+        v = attention.to_v(x).double().numpy().reshape(2, t, 2, 12)
+        features = relative_position_features(t, cfg.num_relative_position_features)
+        r_k = attention.to_rel_k(features).double().numpy().reshape(2 * t - 1, 2, 8)  # row n: distance n - (t-1)
+        r_w, r_r = attention.r_w_bias.double().numpy()[0, :, 0], attention.r_r_bias.double().numpy()[0, :, 0]
+        out_w = attention.to_out.weight.double().numpy()
+        out_b = attention.to_out.bias.double().numpy()
+    heads = np.zeros((2, t, 2, 12))
+    for b in range(2):
+        for h in range(2):
+            for i in range(t):
+                logits = np.array([(q[b, i, h] + r_w[h]) @ k[b, j, h] + (q[b, i, h] + r_r[h]) @ r_k[j - i + t - 1, h]
+                                   for j in range(t)])
+                weights = np.exp(logits - logits.max())
+                heads[b, i, h] = (weights / weights.sum()) @ v[b, :, h]
+    expected = heads.reshape(2, t, 24) @ out_w.T + out_b
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gelu_is_the_sigmoid_approximation():
