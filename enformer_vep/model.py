@@ -156,6 +156,7 @@ def _gamma_features(abs_d: torch.Tensor, num_basis: int, seq_len: int) -> torch.
     return probabilities / probabilities.amax(dim=0, keepdim=True)
 
 
+@torch.compiler.disable  # a cached table: nothing for torch.compile to trace
 @functools.lru_cache(maxsize=16)
 @torch.inference_mode(False)  # a cached inference tensor could not be used by autograd later
 def relative_position_features(seq_len: int, num_features: int) -> torch.Tensor:

@@ -79,3 +79,21 @@ def two_contig_vcf(tmp_path_factory) -> Path:
     pysam.bcftools.view("-Ob", "-o", str(bcf), str(vcf) + ".gz", catch_stdout=False)
     pysam.bcftools.index(str(bcf))
     return vcf
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device (tests/test_cuda.py); `pytest -m gpu`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are deselected (not skipped) where they cannot run: no CUDA device, and no
+    ENFORMER_VEP_TEST_DEVICE=cpu asking for a dry run on the CPU."""
+    import os
+
+    import torch
+
+    if os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda").startswith("cuda") and not torch.cuda.is_available():
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]

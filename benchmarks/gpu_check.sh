@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The CUDA check, in one call of at most ~8 minutes on a GPU machine (benchmarks/README.md):
+# the CUDA tests, bench_score's baseline-vs-ours table at every precision, a profile of scoring
+# batches, the README's main job end to end with --devices D,D against one device, and a
+# torch.compile row; each step has a time limit and the whole script ends within
+# $GPU_CHECK_SECONDS (480). Everything lands under $OUT (default: a new temporary directory):
+#   gpu_check.log        every step's output, then a summary of the steps (status, seconds)
+#   bench.json           bench_score's numbers (bench_compile.json: the compile rows)
+#   RESULTS.md           benchmarks/RESULTS.md with this run's rows appended (copy it back)
+#   profile/             profile_score.py's profile.txt, profile.json, profile_table.txt
+# A failing step is logged and the next one runs; the exit status is the number of failed steps.
+#
+#   bash benchmarks/gpu_check.sh              # on the GPU machine, wheels carried in .whl/
+#   bash benchmarks/gpu_check.sh --dry-run    # CPU, tiny model, same steps: run before any GPU time
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT/profile"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SUMMARY=()
+FAILED=0
+
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))  # the whole script ends by then
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the script
+    local name=$1 limit=$2 start rc left
+    shift 2
+    start=$(date +%s)
+    left=$(( DEADLINE - start ))
+    if (( left < 20 )); then
+        SUMMARY+=("$(printf '%-22s skipped: the %s-s budget was spent' "$name" "${GPU_CHECK_SECONDS:-480}")")
+        FAILED=$((FAILED + 1))
+        return 0
+    fi
+    (( limit > left )) && limit=$left
+    echo "===== $name (limit ${limit} s) $(date -u +%H:%M:%S)" >> "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+    rc=$?
+    SUMMARY+=("$(printf '%-22s rc=%-4s %4d s' "$name" "$rc" $(( $(date +%s) - start )))")
+    [[ $rc == 0 ]] || FAILED=$((FAILED + 1))
+    echo "----- $name: rc=$rc" >> "$LOG"
+    return 0
+}
+
+if [[ $DRY == 1 ]]; then
+    DEVICE=cpu
+    export ENFORMER_VEP_TEST_DEVICE=cpu
+    BENCH=(--quick --device cpu --variants 8 --warmup 1)
+    RUNS=(--run fp32:noreuse:b4 --run fp32:b4 --run bf16:b4 --run bf16/fp32:b4 --run bf16/tf32:b4
+          --run bf16/tf32:b8 --run bf16/tf32:b4:cudnn-benchmark)
+    COMPILE_RUNS=(--run bf16/tf32:b4 --run bf16/tf32:b4:compile)
+    PROFILE=(--quick --device cpu --precision bf16/tf32 --batch-size 4 --batches 2 --pipeline-batches 2)
+    E2E_REGION=(--region chr1:602000-605000)
+    TWO="cpu,cpu"
+else
+    DEVICE=cuda
+    # the GPU image lacks these packages: carried as wheels (benchmarks/README.md says which)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >> "$LOG" 2>&1 || echo "wheel install failed" >> "$LOG"
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    if ! $PY -c "import polars" 2>/dev/null; then
+        # enformer-pytorch imports polars for its data loaders only; the baseline never uses them
+        mkdir -p /tmp/shim/polars && echo '"""Stand-in: enformer-pytorch imports polars at import time only."""' \
+            > /tmp/shim/polars/__init__.py
+        export PYTHONPATH="/tmp/shim:$PYTHONPATH"
+    fi
+    BENCH=(--device cuda --variants 64 --peak-tflops 790)
+    RUNS=(--run fp32:noreuse:b32 --run fp32:b32 --run tf32:b32 --run bf16:b32 --run bf16/fp32:b32
+          --run bf16/tf32:noreuse:b32 --run bf16/tf32:b32 --run bf16/tf32:b16 --run bf16/tf32:b64
+          --run bf16/tf32:b32:cudnn-benchmark)
+    COMPILE_RUNS=(--run bf16/tf32:b32 --run bf16/tf32:b32:compile)
+    PROFILE=(--device cuda --precision bf16/tf32 --batch-size 32 --batches 3 --pipeline-batches 4)
+    E2E_REGION=()
+    TWO="cuda:0,cuda:0"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+
+step environment 60 bash -c "nvidia-smi 2>/dev/null | head -15; $PY -c 'import sys, torch, numpy; \
+print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", \
+torch.backends.cudnn.version(), \"numpy\", numpy.__version__); \
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")'; \
+$PY -c 'import cyvcf2, pysam, h5py, enformer_pytorch; print(\"cyvcf2\", cyvcf2.__version__, \"pysam\", \
+pysam.__version__, \"h5py\", h5py.__version__, \"enformer-pytorch imported\")'"
+
+step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py
+
+step bench_score 220 $PY benchmarks/bench_score.py "${BENCH[@]}" "${RUNS[@]}" --json "$OUT/bench.json" \
+    --append-results --results "$OUT/RESULTS.md"
+
+step profile 120 $PY benchmarks/profile_score.py "${PROFILE[@]}" --out "$OUT/profile"
+
+E2E=$(mktemp -d)
+GIAB=tests/data/grch38_chr1_giab_hg002
+step e2e_fixture_model 60 bash -c "mkdir -p $E2E/fixture/variables && \
+cp tests/data/official_small/variables.index $E2E/fixture/variables/ && \
+$PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], \"wb\"))' \
+tests/data/official_small/variables.data-00000-of-00001.xz $E2E/fixture/variables/variables.data-00000-of-00001 && \
+$PY -m enformer_vep convert $E2E/fixture $E2E/fixture.safetensors"
+step e2e_one_device 90 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/reference.fa \
+    --model "$E2E/fixture.safetensors" -o "$E2E/one" --device $DEVICE "${E2E_REGION[@]}" --no-progress
+step e2e_two_workers 90 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/reference.fa \
+    --model "$E2E/fixture.safetensors" -o "$E2E/two" --devices $TWO "${E2E_REGION[@]}" --no-progress
+step e2e_identical 30 bash -c "cd $E2E/one && for f in *.h5 skipped.tsv run.json; do cmp \$f ../two/\$f \
+&& echo \"identical: \$f\"; done"
+
+step bench_compile 150 $PY benchmarks/bench_score.py "${BENCH[@]}" --variants 32 --no-baseline "${COMPILE_RUNS[@]}" \
+    --json "$OUT/bench_compile.json" --append-results --results "$OUT/RESULTS.md"
+
+{
+    echo
+    echo "===== summary ($( [[ $DRY == 1 ]] && echo dry run || echo device run ), $(date -u +%H:%M:%S))"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    sed -n '/^scorer /,/^notes:/p' "$LOG"
+    echo
+    cat "$OUT/profile/profile.txt" 2>/dev/null
+    grep -E "^(identical|[0-9]+ passed|FAILED|ERROR)|passed|failed" "$LOG" | grep -v "^----" | tail -n 20
+} | tee -a "$LOG"
+echo "outputs in $OUT"
+exit $FAILED
