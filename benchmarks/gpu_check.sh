@@ -3,7 +3,8 @@
 # the CUDA tests, bench_score's baseline-vs-ours table at every precision, a profile of scoring
 # batches, the README's main job end to end with --devices D,D against one device, and a
 # torch.compile row; each step has a time limit and the whole script ends within
-# $GPU_CHECK_SECONDS (480). Everything lands under $OUT (default: a new temporary directory):
+# $GPU_CHECK_SECONDS (480); $GPU_CHECK_STEPS (names, space-separated) runs only those steps.
+# Everything lands under $OUT (default: a new temporary directory):
 #   gpu_check.log        every step's output, then a summary of the steps (status, seconds)
 #   bench.json           bench_score's numbers (bench_compile.json: the compile rows)
 #   RESULTS.md           benchmarks/RESULTS.md with this run's rows appended (copy it back)
@@ -30,6 +31,9 @@ DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))  # the whole script ends
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the script
     local name=$1 limit=$2 start rc left
     shift 2
+    if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        return 0
+    fi
     start=$(date +%s)
     left=$(( DEADLINE - start ))
     if (( left < 20 )); then
