@@ -78,7 +78,7 @@ else
           --run bf16/tf32:noreuse:b32 --run bf16/tf32:b32 --run bf16/tf32:b16 --run bf16/tf32:b64
           --run bf16/tf32:b32:cudnn-benchmark)
     COMPILE_RUNS=(--run bf16/tf32:b32 --run bf16/tf32:b32:compile)
-    PROFILE=(--device cuda --precision bf16/tf32 --batch-size 32 --batches 3 --pipeline-batches 4)
+    PROFILE=(--device cuda --precision bf16/tf32 --batch-size 32 --batches 3 --pipeline-batches 8)
     E2E_REGION=()
     TWO="cuda:0,cuda:0"
 fi
@@ -112,6 +112,8 @@ step e2e_two_workers 90 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/ref
     --model "$E2E/fixture.safetensors" -o "$E2E/two" --devices $TWO "${E2E_REGION[@]}" --no-progress
 step e2e_identical 30 bash -c "cd $E2E/one && for f in *.h5 skipped.tsv run.json; do cmp \$f ../two/\$f \
 && echo \"identical: \$f\"; done"
+step e2e_compile 120 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/reference.fa \
+    --model "$E2E/fixture.safetensors" -o "$E2E/compiled" --device $DEVICE --compile "${E2E_REGION[@]}" --no-progress
 
 step bench_compile 150 $PY benchmarks/bench_score.py "${BENCH[@]}" --variants 32 --no-baseline "${COMPILE_RUNS[@]}" \
     --json "$OUT/bench_compile.json" --append-results --results "$OUT/RESULTS.md"

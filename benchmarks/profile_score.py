@@ -192,7 +192,7 @@ def pipeline_rate(model: Enformer, args, per_call: int, rng: np.random.Generator
                                        for i, (c, p, r, a) in enumerate(variants)))
     options = ScoreOptions(vcf=str(vcf), fasta=str(genome_path), out_dir=str(tmp / "out"), device=str(args.device),
                            stats=("SAD",), precision=args.precision, reuse=True, batch_size=args.batch_size,
-                           checkpoint_every=per_call * 2, progress=False)
+                           progress=False)
     score_vcf(dataclasses.replace(options, out_dir=str(tmp / "warm"), vcf=str(vcf)), model=model)  # warm-up
     bench_score.synchronize(args.device)
     start = time.perf_counter()

@@ -52,7 +52,8 @@ class ScoreOptions:
     shard: tuple[int, int] | None = None  # (K, N): score only shard K of N (1-based)
     vcf_out: str | None = None  # the input VCF annotated with the strongest SAD per assay family
     batch_size: int | None = None  # None: auto
-    precision: str | None = None  # None: fp32 on CPU, tf32 on CUDA
+    precision: str | None = None  # None: fp32 on CPU, bf16/tf32 on CUDA
+    compile: bool = False  # torch.compile the conv tower and the transformer
     reuse: bool | None = None  # reference-trunk reuse for SNV/MNP; None: on CUDA only
     stats: tuple[str, ...] = ("SAD", "SAR")
     rc: bool = False
@@ -68,7 +69,7 @@ class ScoreOptions:
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
         keep = ("regions", "chroms", "pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse",
-                "organism", "targets", "percentiles", "checkpoint_every", "prefix")
+                "compile", "organism", "targets", "percentiles", "checkpoint_every", "prefix")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -243,7 +244,7 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
     tracks = select_tracks(options.tracks, head_targets(options.organism, model.config.heads, options.targets))
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
-                           precision=options.precision, reuse=options.reuse)
+                           precision=options.precision, reuse=options.reuse, compile=options.compile)
     if part is not None:
         total = part.records
     else:
