@@ -96,7 +96,10 @@ def device_name(device) -> str:
 
 
 def git_revision() -> str:
-    """Short commit of the working tree, ``+dirty`` when it has uncommitted changes."""
+    """Short commit of the working tree, ``+dirty`` when it has uncommitted changes; ``$BENCH_COMMIT``
+    when set (a copy of the tree on another machine may carry a stale .git)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()

@@ -254,7 +254,8 @@ class VariantScorer:
                 if self.batch_size == 1:
                     raise
                 self.batch_size //= 2
-                torch.cuda.empty_cache()
                 log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
+            # here, not in the handler: the failed attempt's tensors live until the handler ends
+            torch.cuda.empty_cache()
         with stage("statistics"):
             return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}
