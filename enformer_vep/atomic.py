@@ -20,6 +20,10 @@ def atomic_path(path: str | os.PathLike, directory: str | os.PathLike | None = N
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is None:  # writers such as numpy and HDF5 do not say which file failed
+            error.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

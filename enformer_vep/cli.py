@@ -1,6 +1,7 @@
 """The ``enformer-score`` command line: parses options and calls the library."""
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -25,6 +26,10 @@ class _Commands(click.Group):
             raise click.ClickException(str(error)) from None
         except OSError as error:  # full disk, permissions...: one line, never a traceback
             where = f"{error.filename}: " if error.filename else ""
+            if error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
+                raise click.ClickException(f"{where}no space left on the device: free some space (or write "
+                                           f"elsewhere) and rerun the same command; a scoring run or merge "
+                                           f"resumes where it stopped") from None
             raise click.ClickException(f"{where}{error.strerror or error}") from None
 
 

@@ -1,7 +1,9 @@
 """Reference genome access: random reads from a plain or BGZF-compressed FASTA through its samtools indexes.
 
 A plain FASTA needs ``ref.fa.fai``; a bgzip FASTA needs ``ref.fa.gz.fai`` (offsets in uncompressed bytes) and
-``ref.fa.gz.gzi``. Missing indexes are built next to the FASTA (the same files ``samtools faidx`` writes).
+``ref.fa.gz.gzi``. Missing indexes are built next to the FASTA (the same files ``samtools faidx`` writes); existing
+ones are checked against the FASTA's content (file times cannot tell: a copy or a checkout makes an index no older
+than its data) and refused when they no longer match it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import gzip
 import hashlib
 import os
 import zlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -52,17 +54,20 @@ class Genome:
                 if _bgzf_header(self._read(0, _HEADER_PEEK)) is None:
                     raise InputError(f"{self.path} is gzip-compressed but not BGZF: gunzip it or recompress it "
                                      f"with `bgzip`")
-                gzi_bytes = self._ensure_index(self.path + ".gzi", self._build_gzi)
+                gzi_bytes, gzi_built = self._ensure_index(self.path + ".gzi", self._build_gzi)
                 self._block_starts = _parse_gzi(gzi_bytes, self.path + ".gzi")
-            fai_bytes = self._ensure_index(self.path + ".fai", self._build_fai)
+                if not gzi_built:
+                    self._check_gzi()
+            fai_bytes, fai_built = self._ensure_index(self.path + ".fai", self._build_fai)
+            entries = _parse_fai(fai_bytes, self.path)
+            if not fai_built:
+                self._check_fai(entries)
         except BaseException:
             self._file.close()
             raise
-        self._records = _parse_fai(fai_bytes, self.path + ".fai")
+        self._records = {name.decode("utf-8", errors="replace"): rec for name, rec in entries.items()}
         self.contigs: dict[str, int] = {name: rec[0] for name, rec in self._records.items()}
         self._checksum = hashlib.sha256(fai_bytes + (gzi_bytes if self.bgzf else b"")).hexdigest()
-        if not self.bgzf:
-            self._check_fai_fits()
 
     def fetch(self, chrom: str, start: int, end: int) -> np.ndarray:
         """Upper-cased ASCII codes ``uint8 [end - start]`` of 0-based half-open ``[start, end)`` on ``chrom``;
@@ -82,9 +87,8 @@ class Genome:
         first = offset + lo // line_bases * line_width + lo % line_bases
         last = offset + (hi - 1) // line_bases * line_width + (hi - 1) % line_bases
         bases = self._read_sequence(first, last + 1 - first).translate(_UPPER, b"\r\n")
-        if len(bases) != hi - lo:
-            raise InputError(f"{self.path} does not match its index (contig {chrom!r}): the FASTA changed after "
-                             f"the .fai was made; delete {self.path}.fai and rerun")
+        if len(bases) != hi - lo:  # the FASTA changed after it was opened, or was rewrapped inside a sequence
+            raise _stale(self.path + ".fai", self.path, f"the bases of contig {chrom!r} are not where it says")
         out[lo - start:hi - start] = np.frombuffer(bases, dtype=np.uint8)
         return out
 
@@ -143,21 +147,103 @@ class Genome:
             pos += block_size
         return b"".join(parts)[skip:skip + size]
 
-    def _check_fai_fits(self) -> None:
+    def _check_fai(self, entries: dict[bytes, tuple[int, int, int, int]]) -> None:
+        """Refuses the ``.fai`` unless, for every entry, the byte before its offset ends a line that starts with '>'
+        and the entry's name followed by whitespace or the line end, and its sequence ends where the entry says:
+        its last base is followed by a line end (or the end of the file), then blank lines, then the next '>'
+        header or the end of the file. A few short reads per entry; no sequence is read in full."""
+        fai = self.path + ".fai"
+        for raw, (length, offset, line_bases, line_width) in entries.items():
+            name = raw.decode("utf-8", errors="replace")
+            if not self._follows_header(raw, offset):
+                raise _stale(fai, self.path, f"contig {name!r} at byte {offset} does not follow its '>{name}' "
+                                             f"header line")
+            end = offset + (length - 1) // line_bases * line_width + (length - 1) % line_bases + 1 if length else offset
+            why = self._end_fault(end, length)
+            if why:
+                raise _stale(fai, self.path, f"contig {name!r} of {length} bases {why}")
+
+    def _follows_header(self, name: bytes, offset: int) -> bool:
+        """Whether (uncompressed) byte ``offset`` starts a line and the line before it is a '>' header naming
+        ``name`` (its first word)."""
+        if offset <= 0:
+            return False
+        size = 256
+        while True:  # widen the read backwards until it holds the start of the line (descriptions can be long)
+            lo = max(offset - size, 0)
+            data = self._read_sequence(lo, offset - lo)
+            if len(data) != offset - lo or not data.endswith(b"\n"):
+                return False
+            line_start = data.rfind(b"\n", 0, len(data) - 1) + 1  # 0 when no earlier line end was read
+            if line_start or not lo:
+                break
+            size *= 4
+        line = data[line_start:]
+        return line.startswith(b">" + name) and line[len(name) + 1:len(name) + 2].isspace()
+
+    def _end_fault(self, end: int, length: int) -> str | None:
+        """Why a sequence of ``length`` bases whose last base is at byte ``end - 1`` (an empty one: whose header line
+        ends at ``end``) does not end there, or None when it does."""
+        chunk = 4096
+        pos, skip = (end - 1, 1) if length else (end, 0)  # one read holds the last base and what follows it
+        data = self._read_sequence(pos, chunk)
+        if length:
+            if not data:
+                return f"ends at byte {end}, past the end of the file"
+            if data[0] in b"\r\n>" or not (data[1:2] in (b"", b"\n") or data[1:3] == b"\r\n"):
+                return f"does not end at byte {end}"
+        while True:  # line ends and blank lines, then the next header or the end of the file
+            rest = data[skip:].lstrip(b"\r\n")
+            if rest:
+                return None if rest.startswith(b">") else f"does not end at byte {end}"
+            if len(data) < chunk:
+                return None
+            pos, skip = pos + chunk, 0
+            data = self._read_sequence(pos, chunk)
+
+    def _check_gzi(self) -> None:
+        """Refuses the ``.gzi`` unless every block start it lists is the start of a BGZF block of the file and its
+        uncompressed offset is the sum of the uncompressed sizes (ISIZE) of the blocks before it. Reads block
+        headers and ISIZE fields only, no data."""
+        gzi = self.path + ".gzi"
+        coffsets, uoffsets = self._block_starts
+        listed = 1  # the implicit first block (0, 0) is not in the file
+        for coffset, uoffset, _ in self._bgzf_blocks():
+            if listed == len(coffsets):
+                return
+            if coffset > coffsets[listed]:
+                raise _stale(gzi, self.path, f"no BGZF block starts at its byte {coffsets[listed]}")
+            if coffset == coffsets[listed]:
+                if uoffset != uoffsets[listed]:
+                    raise _stale(gzi, self.path, f"the block at byte {coffset} holds uncompressed byte {uoffset}, "
+                                                 f"not {uoffsets[listed]}")
+                listed += 1
+        if listed < len(coffsets):
+            raise _stale(gzi, self.path, f"it lists byte {coffsets[listed]}, past the end of the file")
+
+    def _bgzf_blocks(self) -> Iterator[tuple[int, int, int]]:
+        """(compressed offset, uncompressed offset, ISIZE) of every BGZF block, in file order, from one read per
+        block: a block's ISIZE field lies just before the next block's header."""
         size = os.fstat(self._file.fileno()).st_size
-        for name, (length, offset, line_bases, line_width) in self._records.items():
-            end = offset + (length - 1) // line_bases * line_width + (length - 1) % line_bases + 1 if length else 0
-            if end > size:
-                raise InputError(f"{self.path}.fai does not match {self.path} (contig {name!r} ends at byte {end}, "
-                                 f"the file has {size}): delete the .fai and rerun, or run `samtools faidx`")
+        coffset, uoffset, head = 0, 0, self._read(0, _HEADER_PEEK)
+        while coffset < size:
+            header = _bgzf_header(head)
+            if header is None or coffset + header[1] > size:
+                raise InputError(f"{self.path} is not BGZF throughout (no BGZF block at byte {coffset}): "
+                                 f"recompress it with `bgzip`")
+            block_end = coffset + header[1]
+            tail = self._read(block_end - 4, 4 + _HEADER_PEEK)
+            isize = int.from_bytes(tail[:4], "little")
+            yield coffset, uoffset, isize
+            coffset, uoffset, head = block_end, uoffset + isize, tail[4:]
 
     # -- indexes ---------------------------------------------------------------------------------------------
 
-    def _ensure_index(self, index_path: str, build) -> bytes:
-        """The index file's bytes; built and written next to the FASTA when missing."""
+    def _ensure_index(self, index_path: str, build) -> tuple[bytes, bool]:
+        """(the index file's bytes, whether it was just built): built and written next to the FASTA when missing."""
         try:
             with open(index_path, "rb") as f:
-                return f.read()
+                return f.read(), False
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -169,7 +255,7 @@ class Genome:
             raise InputError(f"the FASTA index {index_path} is missing and cannot be written ({e.strerror or e}): "
                              f"run `samtools faidx {self.path}` where that is allowed, or copy the FASTA to a "
                              f"writable directory") from e
-        return content
+        return content, True
 
     def _build_fai(self) -> bytes:
         opener = gzip.open if self.bgzf else open
@@ -181,19 +267,7 @@ class Genome:
 
     def _build_gzi(self) -> bytes:
         """htslib's ``.gzi``: every non-empty block start after the first as (compressed, uncompressed) offsets."""
-        size = os.fstat(self._file.fileno()).st_size
-        entries, coffset, uoffset = [], 0, 0
-        while coffset < size:
-            header = _bgzf_header(self._read(coffset, _HEADER_PEEK))
-            if header is None:
-                raise InputError(f"{self.path} is not BGZF throughout (no BGZF block at byte {coffset}): "
-                                 f"recompress it with `bgzip`")
-            block_size = header[1]
-            isize = int.from_bytes(self._read(coffset + block_size - 4, 4), "little")
-            if isize and coffset:
-                entries.append((coffset, uoffset))
-            coffset += block_size
-            uoffset += isize
+        entries = [(coffset, uoffset) for coffset, uoffset, isize in self._bgzf_blocks() if isize and coffset]
         return np.array([len(entries), *np.ravel(entries)], dtype="<u8").tobytes()
 
 
@@ -260,11 +334,13 @@ def _fai_from_lines(lines: Iterable[bytes], path: str) -> bytes:
     return b"".join(b"%s\t%d\t%d\t%d\t%d\n" % r for r in records)
 
 
-def _parse_fai(content: bytes, path: str) -> dict[str, tuple[int, int, int, int]]:
-    """name -> (length, offset, line_bases, line_width)."""
+def _parse_fai(content: bytes, fasta: str) -> dict[bytes, tuple[int, int, int, int]]:
+    """name (bytes, as in the FASTA) -> (length, offset, line_bases, line_width) of ``fasta``'s ``.fai`` content;
+    a name listed twice is refused (no FASTA indexed by samtools has one)."""
+    path = fasta + ".fai"
     records = {}
-    for number, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
-        fields = line.split("\t")
+    for number, line in enumerate(content.splitlines(), 1):
+        fields = line.split(b"\t")
         try:
             length, offset, line_bases, line_width = (int(x) for x in fields[1:5])
         except ValueError:
@@ -273,6 +349,8 @@ def _parse_fai(content: bytes, path: str) -> dict[str, tuple[int, int, int, int]
         if length < 0 or offset < 0 or (length and not 0 < line_bases < line_width):
             raise InputError(f"malformed FASTA index {path} (line {number}); delete it and rerun, or run "
                              f"`samtools faidx`")
+        if fields[0] in records:
+            raise _stale(path, fasta, f"line {number} repeats the name {fields[0].decode('utf-8', 'replace')!r}")
         records[fields[0]] = (length, offset, line_bases, line_width)
     if not records:
         raise InputError(f"the FASTA index {path} is empty; delete it and rerun, or run `samtools faidx`")
@@ -286,6 +364,13 @@ def _parse_gzi(content: bytes, path: str) -> tuple[list[int], list[int]]:
         raise InputError(f"malformed BGZF index {path}; delete it and rerun, or run `samtools faidx`")
     pairs = np.frombuffer(content, dtype="<u8", offset=8).reshape(count, 2)
     return [0, *pairs[:, 0].tolist()], [0, *pairs[:, 1].tolist()]
+
+
+def _stale(index: str, fasta: str, why: str) -> InputError:
+    """The one-line refusal of an index that no longer describes its FASTA."""
+    return InputError(f"{index} does not match the FASTA {fasta} ({why}): the FASTA changed after the index was "
+                      f"made; rebuild it with `samtools faidx {fasta}` or delete {index} (it is rebuilt "
+                      f"automatically)")
 
 
 def _preview(names: Iterable[str], limit: int = 5) -> str:

@@ -22,6 +22,7 @@ from .predict import predict_regions, write_bigwigs, write_predictions_h5
 from .regions import Region, bin_starts, read_regions
 from .scoring import default_device
 from .targets import Targets, head_targets, packaged_targets, select_tracks
+from .text import printable
 from .training import TrainConfig, evaluate, freeze_trunk, replace_head, save_trained, train
 from .variants import resolve_contig
 from .weights import default_model_source, load_model
@@ -122,7 +123,7 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
     genome = Genome(fasta)
     if scores_dir:
         row = find_variant(scores_dir, variant)
-        chrom, pos, ref, alt, name = row["chrom"], row["pos"], row["ref"], row["alt"], row["snp"]
+        chrom, pos, ref, alt, name = row["chrom"], row["pos"], row["ref"], row["alt"], printable(row["snp"])
     else:
         parts = variant.split(":")
         if len(parts) != 4 or not parts[1].isdigit():

@@ -11,6 +11,7 @@ import h5py
 from .errors import InputError
 from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file
 from .targets import Targets
+from .text import from_bytes
 from .vcf_out import write_annotated_vcf
 
 PIECE_ROWS = 4096
@@ -113,10 +114,10 @@ def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
 
 def _skipped_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(record, line) of a shard's skipped.tsv, whose last column is the record number."""
-    with open(path) as f:
+    with open(path, "rb") as f:
         next(f)
-        for line in f:
-            line = line.rstrip("\n")
+        for raw in f:
+            line = from_bytes(raw.rstrip(b"\n"))
             yield int(line.rsplit("\t", 1)[1]), line
 
 

@@ -31,6 +31,7 @@ from .atomic import atomic_path, atomic_write
 from .errors import InputError
 from .scoring import STATISTICS
 from .targets import Targets
+from .text import from_bytes, to_bytes
 from .variants import Allele, Skip
 
 log = logging.getLogger("enformer_vep")
@@ -63,8 +64,9 @@ def sha256_file(path: Path) -> str:
 
 
 def byte_strings(values: Iterable[str]) -> np.ndarray:
-    """Fixed-width bytes ``S`` (UTF-8), the string layout of every HDF5 file we write."""
-    encoded = [v.encode() for v in values]
+    """Fixed-width bytes ``S``, the string layout of every HDF5 file we write: UTF-8, and a VCF's
+    bytes that are not UTF-8 as they were (enformer_vep.text)."""
+    encoded = [to_bytes(v) for v in values]
     return np.array(encoded, dtype=f"S{max([1] + [len(v) for v in encoded])}")
 
 
@@ -246,7 +248,7 @@ class ChunkSource:
         """(record, skipped.tsv line) of the chunks, in their order."""
         for path in paths:
             with np.load(path) as chunk:
-                yield from zip(chunk["skipped_record"].tolist(), (s.decode() for s in chunk["skipped"]))
+                yield from zip(chunk["skipped_record"].tolist(), (from_bytes(s) for s in chunk["skipped"]))
 
 
 def write_skipped(path: Path, lines: Iterable[str]) -> dict[str, int]:
@@ -258,7 +260,7 @@ def write_skipped(path: Path, lines: Iterable[str]) -> dict[str, int]:
         for line in lines:
             reason = line.split("\t")[5].split(" (")[0]
             counts[reason] = counts.get(reason, 0) + 1
-            f.write(line.encode() + b"\n")
+            f.write(to_bytes(line) + b"\n")
 
     atomic_write(path, write)
     return dict(sorted(counts.items()))
@@ -348,7 +350,7 @@ def find_variant(out_dir: str | Path, key: str) -> dict:
         if not name.endswith(".h5"):
             continue
         with h5py.File(Path(out_dir) / name, "r") as f:
-            snp = np.char.decode(f["snp"][:])
+            snp = np.array([from_bytes(s) for s in f["snp"][:]], dtype=object)
             hit = np.flatnonzero(snp == key)
             if not len(hit) and len(parts) in (2, 4) and parts[1].isdigit():
                 match = (np.char.decode(f["chr"][:]) == parts[0]) & (f["pos"][:] == int(parts[1]))

@@ -24,6 +24,7 @@ from .atomic import atomic_write
 from .errors import InputError
 from .output import DONE, ROW_FIELDS, sha256_file
 from .tabix import bgzip_and_index
+from .text import from_bytes, to_bytes
 
 BLOCK_BYTES = 1 << 26  # float64 bytes of one row block, whatever the track count
 VALUE_FORMAT = "%.6g"
@@ -255,10 +256,10 @@ def _write_table(path: Path, transform: PcaTransform, dest: Path) -> Path:
         with open(plain, "wb") as f:
             f.write(("\t".join(TABLE_COLUMNS + tuple(f"PC{i}" for i in range(k))) + "\n").encode())
             for _, block, rows in _row_blocks(path, transform.stat, _block_rows(len(transform.mean)), ROW_FIELDS):
-                text = [v.tolist() for v in (np.char.decode(rows[name]) for name in ("chr", "snp", "ref", "alt"))]
+                text = [[from_bytes(v) for v in rows[name]] for name in ("chr", "snp", "ref", "alt")]
                 pos = rows["pos"].astype(np.int64)
                 coords = transform.apply(block).tolist()
-                lines = [(line % (c, p, i, r, a, *values)).encode()
+                lines = [to_bytes(line % (c, p, i, r, a, *values))
                          for c, p, i, r, a, values in zip(text[0], pos.tolist(), *text[1:], coords)]
                 # tabix wants each contig's lines together: contigs keep their order of first appearance
                 codes = np.array([contigs.setdefault(c, len(contigs)) for c in text[0]], dtype=np.int64)

@@ -26,7 +26,7 @@ from .output import RunDirectory
 from .scoring import STATISTICS, VariantScorer, default_device, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
 from .targets import head_targets, select_tracks
-from .variants import Allele, Skip, read_variants
+from .variants import Allele, Skip, contig_length_differences, read_variants
 from .vcf_out import write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
 from .windows import allele_windows, ref_matches
@@ -81,6 +81,7 @@ class Summary:
     clipped: dict
     seconds: float
     files: dict
+    contig_lengths: list = dataclasses.field(default_factory=list)  # variants.contig_length_differences
 
     @classmethod
     def from_done(cls, done: dict, out: Path, seconds: float) -> "Summary":
@@ -97,8 +98,14 @@ class Summary:
         if self.ref_mismatch_scored:
             out.append(f"scored despite a REF mismatch: {self.ref_mismatch_scored}")
         out += [f"{name}: {n} values clipped to the float16 range" for name, n in self.clipped.items() if n]
+        out += [_length_message(d) for d in self.contig_lengths]
         out += [f"wrote {path}" for path in self.files.values()]
         return out
+
+
+def _length_message(difference: dict) -> str:
+    return (f"contig {difference['vcf']}: the VCF header says {difference['vcf_length']:,} bp, the FASTA's "
+            f"{difference['fasta']} has {difference['fasta_length']:,} bp (another assembly?)")
 
 
 def _default_prefix(vcf: str) -> str:
@@ -165,6 +172,9 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         part = shard_part(layout, options.checkpoint_every, *options.shard)
     # opened first: a bad VCF, index or region fails before the model loads
     read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
+    length_differences = contig_length_differences(options.vcf, genome.contigs)
+    for difference in length_differences:
+        log.warning(_length_message(difference))
     if model is None:
         source = options.model or default_model_source()
         model, model_sha256 = load_model(source, device=devices[0] if len(devices) == 1 else "cpu"), \
@@ -183,7 +193,8 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
                   "vcf": os.path.abspath(options.vcf), "fasta": os.path.abspath(options.fasta),
                   "fasta_index_sha256": genome.index_checksum()}
     vcf_stat = os.stat(options.vcf)
-    fingerprint = provenance | {"vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns,
+    fingerprint = provenance | {"contig_length_differences": length_differences,
+                                "vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns,
                                 "options": settings}
     if options.shard:
         fingerprint["shard"] = "{}/{}".format(*options.shard)
@@ -205,6 +216,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         done = run.finish(blocks, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles,
                           extra=extra)
     summary = Summary.from_done(done, run.out, time.monotonic() - started)
+    summary.contig_lengths = length_differences
     if summary.scored == 0:
         detail = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "the VCF holds no records"
         if part is None:

@@ -11,18 +11,13 @@ block. The record counts per contig come from the ``.tbi``/``.csi`` index when t
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
-import os
-import struct
-import zlib
 from collections import Counter
 
 from .errors import InputError
 from .variants import read_variants, resolve_contig
-
-TBI_PSEUDO_BIN = 37450
+from .vcf_index import index_record_counts
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -31,94 +26,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (slash and k.strip().isdigit() and n.strip().isdigit()) or not 1 <= int(k) <= int(n):
         raise InputError(f"--shard expects K/N with 1 <= K <= N (e.g. 2/8), not {text!r}")
     return int(k), int(n)
-
-
-def index_record_counts(path: str, header_contigs: list[str]) -> dict[str, int] | None:
-    """Records per contig from the ``.tbi`` or ``.csi`` index beside ``path`` (its per-contig
-    statistics), in index order; None when there is no index or it lacks the statistics.
-    ``header_contigs`` name a BCF's contigs (its CSI index numbers them in header order)."""
-    for suffix in (".csi", ".tbi"):
-        if os.path.exists(path + suffix):
-            try:
-                data = gzip.decompress(open(path + suffix, "rb").read())
-                return _tbi_counts(data) if suffix == ".tbi" else _csi_counts(data, header_contigs)
-            except (OSError, EOFError, zlib.error, struct.error, IndexError, UnicodeDecodeError) as error:
-                raise InputError(f"unreadable VCF index {path + suffix}: {error}") from None
-    return None
-
-
-class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.at = data, 0
-
-    def take(self, fmt: str):
-        values = struct.unpack_from("<" + fmt, self.data, self.at)
-        self.at += struct.calcsize("<" + fmt)
-        return values if len(values) > 1 else values[0]
-
-    def skip(self, n: int) -> None:
-        self.at += n
-
-
-def _names(reader: _Reader) -> list[str]:
-    """The tabix header (format, columns, meta, skip) and its NUL-separated contig names."""
-    reader.skip(6 * 4)
-    length = reader.take("i")
-    blob = reader.data[reader.at:reader.at + length]
-    reader.skip(length)
-    return [name.decode() for name in blob.split(b"\0")[:-1]]
-
-
-def _bins(reader: _Reader, pseudo_bin: int, csi: bool) -> int | None:
-    """Walk one contig's bins; the records counted in its pseudo-bin (0 without bins), or None."""
-    n_bin = reader.take("i")
-    mapped = None if n_bin else 0
-    for _ in range(n_bin):
-        bin_number = reader.take("I")
-        if csi:
-            reader.skip(8)  # loffset
-        n_chunk = reader.take("i")
-        if bin_number == pseudo_bin and n_chunk == 2:
-            reader.skip(16)
-            mapped = reader.take("Q")
-            reader.skip(8)
-        else:
-            reader.skip(16 * n_chunk)
-    return mapped
-
-
-def _tbi_counts(data: bytes) -> dict[str, int] | None:
-    reader = _Reader(data)
-    if data[:4] != b"TBI\1":
-        raise InputError("not a tabix index")
-    n_ref = reader.take("4xi")
-    names = _names(reader)
-    counts = {}
-    for tid in range(n_ref):
-        mapped = _bins(reader, TBI_PSEUDO_BIN, csi=False)
-        reader.skip(8 * reader.take("i"))  # linear index
-        if mapped is None:
-            return None
-        counts[names[tid]] = mapped
-    return counts
-
-
-def _csi_counts(data: bytes, header_contigs: list[str]) -> dict[str, int] | None:
-    reader = _Reader(data)
-    if data[:4] != b"CSI\1":
-        raise InputError("not a CSI index")
-    _, depth, l_aux = reader.take("4xiii")
-    names = _names(_Reader(data[reader.at:reader.at + l_aux])) if l_aux else header_contigs
-    reader.skip(l_aux)
-    n_ref = reader.take("i")
-    pseudo_bin = ((1 << ((depth + 1) * 3)) - 1) // 7 + 1
-    counts = {}
-    for tid in range(n_ref):
-        mapped = _bins(reader, pseudo_bin, csi=True)
-        if mapped is None:
-            return None
-        counts[names[tid]] = mapped
-    return counts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ order or, for ``regions``/``chroms``, through the file's ``.tbi``/``.csi`` index
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import itertools
 import os
 import re
@@ -15,9 +17,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Collection, Iterable, Iterator, Sequence
 
+import cyvcf2.cyvcf2
 from cyvcf2 import VCF
 
 from .errors import InputError
+from .text import from_bytes
 
 NO_ALT, SYMBOLIC, INVALID, NOT_PASS, UNKNOWN_CONTIG = SKIP_REASONS = (
     "no ALT allele", "symbolic allele", "invalid allele", "not PASS", "contig not in FASTA")
@@ -30,6 +34,8 @@ _MITO = ("chrM", "MT", "chrMT", "M")
 # gVCF placeholders for "any other allele": a record whose only ALT is one of them has no real ALT.
 _NON_REF = frozenset(("<NON_REF>", "<*>"))
 _COORDS = re.compile(r"(?P<start>\d+)(?:-(?P<end>\d*))?")
+_CONTIG_LINE = re.compile(r"^##contig=<(.*)>\s*$", re.M)
+_HEADER_FIELD = re.compile(r'([A-Za-z_]\w*)=("[^"]*"|[^,]*)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +45,7 @@ class Allele:
     chrom: str        # contig as written in the VCF
     fasta_chrom: str  # the FASTA contig it resolves to
     pos: int          # 1-based VCF POS
-    id: str           # VCF ID, or "chrom:pos" when missing
+    id: str           # VCF ID (its bytes: enformer_vep.text), or "chrom:pos" when missing
     ref: str          # REF, upper case
     alt: str          # this ALT, upper case
     record: int       # 0-based ordinal of the record in this stream
@@ -135,6 +141,27 @@ def read_variants(path, fasta_contigs: Collection[str], *, regions: Sequence[str
     return _alleles(vcf, records, fasta, pass_only, check_contigs=check, path=path)
 
 
+def contig_length_differences(path, fasta_contigs: dict[str, int]) -> list[dict]:
+    """Contigs of the VCF header whose declared ``length`` differs from the FASTA contig they resolve
+    to (same name or alias): ``[{"vcf": name, "vcf_length": n, "fasta": name, "fasta_length": n}]``.
+    Not an error (a FASTA slice is legitimate), but a sign of another assembly (GRCh37 ``MT`` is the
+    16,569-bp rCRS, hg19 ``chrM`` a 16,571-bp other sequence)."""
+    vcf = open_vcf(path)
+    try:
+        header = vcf.raw_header
+    finally:
+        vcf.close()
+    out = []
+    for match in _CONTIG_LINE.finditer(header):
+        fields = dict(_HEADER_FIELD.findall(match[1]))
+        name, length = fields.get("ID"), fields.get("length", "")
+        fasta_name = resolve_contig(name, fasta_contigs) if name else None
+        if fasta_name is not None and length.isdigit() and int(length) != fasta_contigs[fasta_name]:
+            out.append({"vcf": name, "vcf_length": int(length), "fasta": fasta_name,
+                        "fasta_length": fasta_contigs[fasta_name]})
+    return out
+
+
 def open_records(path, *, regions: Sequence[str] = (), chroms: Sequence[str] = ()) -> tuple[VCF, Iterator]:
     """The open file and its cyvcf2 records: all in file order, or those whose POS lies in
     ``regions``/``chroms`` (through the index, overlaps merged, in VCF order)."""
@@ -144,26 +171,70 @@ def open_records(path, *, regions: Sequence[str] = (), chroms: Sequence[str] = (
     if isinstance(chroms, str):
         chroms = (chroms,)
     spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
-    vcf = _open(path)
+    vcf = open_vcf(path)
     try:
         if spans:
             _check_indexed(path)
-            return vcf, _query(vcf, _merge(spans, vcf.seqnames, path))
+            return vcf, _query(vcf, merge_spans(spans, vcf.seqnames, path))
         return vcf, iter(vcf)
     except BaseException:
         vcf.close()
         raise
 
 
-def _open(path: str) -> VCF:
+def open_vcf(path: str) -> VCF:
+    """cyvcf2's reader of ``path``; a missing, unreadable or malformed file is an :class:`InputError`
+    naming the file and the problem (htslib only prints its reason and raises a bare Exception)."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"VCF file not found: {path}")
     if os.path.isdir(path):
         raise InputError(f"expected a VCF file, got a directory: {path}")
     try:
         return VCF(path, lazy=True)
-    except OSError as exc:
-        raise InputError(f"not a readable VCF/BCF file (or its header is malformed): {path}") from exc
+    except Exception as exc:  # noqa: BLE001 - cyvcf2 raises bare Exceptions for htslib errors
+        raise InputError(f"cannot read {path}: {header_problem(path)}") from exc
+
+
+_FIXED_COLUMNS = ["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO"]
+
+
+def header_problem(path: str) -> str:
+    """Why htslib refuses the header of ``path``, as far as it can be told from the text."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as handle:
+                magic = handle.read(4)
+        if magic[:3] == b"BCF":
+            return "its BCF header is truncated or corrupt"
+        opener = gzip.open if _sniff(path) != "plain" else open
+        with opener(path, "rb") as handle:
+            lines = []
+            for line in handle:
+                if not line.startswith(b"#"):
+                    break
+                lines.append(line.rstrip(b"\r\n"))
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"it is not a readable VCF or BCF file ({exc})"
+    if not lines or not lines[0].startswith(b"##fileformat=VCF"):
+        return "it is not a VCF: the first line is not ##fileformat=VCFv4.x"
+    chrom_line = next((line for line in lines if line.startswith(b"#CHROM")), None)
+    if chrom_line is None:
+        return "its header has no #CHROM line"
+    columns = from_bytes(chrom_line).split("\t")
+    if columns[:8] != _FIXED_COLUMNS:
+        if len(columns) == 1 and len(columns[0].split()) >= 8:
+            return "its #CHROM header line is separated by spaces instead of tabs"
+        return "its #CHROM header line does not start with the 8 tab-separated columns " + " ".join(_FIXED_COLUMNS)
+    samples = columns[9:]
+    if len(columns) > 8 and columns[8] != "FORMAT":
+        return f"the 9th column of its #CHROM line is {columns[8]!r}, not FORMAT"
+    repeated = next((name for i, name in enumerate(samples) if name in samples[:i]), None)
+    if repeated is not None:
+        return f"its #CHROM line repeats the sample name {repeated!r}"
+    return "htslib cannot parse its header (a ## line may be malformed; `bcftools view -h` shows htslib's reason)"
 
 
 def _sniff(path: str) -> str:
@@ -201,7 +272,7 @@ def _check_indexed(path: str) -> None:
                          f"make one with `tabix -p vcf {path}` or `bcftools index {path}`")
 
 
-def _merge(spans: list[tuple[str, int, int]], vcf_contigs: list[str],
+def merge_spans(spans: list[tuple[str, int, int]], vcf_contigs: list[str],
            path: str) -> list[tuple[str, int, int]]:
     """Resolve span contigs to the VCF's names, merge overlaps, and order them as the VCF is."""
     order = {name: i for i, name in enumerate(vcf_contigs)}
@@ -248,18 +319,20 @@ def _alleles(vcf: VCF, records: Iterator, fasta: frozenset[str], pass_only: bool
     n, last = 0, None
     try:
         while True:
-            try:
-                rec = next(records)
-            except StopIteration:
-                break
-            except Exception as exc:  # cyvcf2 raises a bare Exception for htslib parse/read errors
-                where = f"after {last[0]}:{last[1]}" if last else "at the first record"
-                raise InputError(f"malformed or truncated VCF record {where} (record {n + 1}, counting from 1) "
-                                 f"in {path}") from exc
-            chrom, pos = rec.CHROM, rec.POS
-            if chrom not in resolved:
-                resolved[chrom] = resolve_contig(chrom, fasta)
-            yield from _rows(rec, chrom, pos, resolved[chrom], pass_only, n)
+            with _latin1_fields():
+                try:
+                    rec = next(records)
+                except StopIteration:
+                    break
+                except Exception as exc:  # cyvcf2 raises a bare Exception for htslib parse/read errors
+                    where = f"after {last[0]}:{last[1]}" if last else "at the first record"
+                    raise InputError(f"malformed or truncated VCF record {where} (record {n + 1}, counting from "
+                                     f"1) in {path}") from exc
+                chrom, pos = _field(rec.CHROM), rec.POS
+                if chrom not in resolved:
+                    resolved[chrom] = resolve_contig(chrom, fasta)
+                rows = list(_rows(rec, chrom, pos, resolved[chrom], pass_only, n))
+            yield from rows
             n, last = n + 1, (chrom, pos)
     finally:
         vcf.close()
@@ -267,10 +340,27 @@ def _alleles(vcf: VCF, records: Iterator, fasta: frozenset[str], pass_only: bool
         raise InputError(_no_match_message(list(resolved), check_contigs))
 
 
+@contextlib.contextmanager
+def _latin1_fields():
+    """cyvcf2 decodes text fields with its module's ENC (UTF-8, undecodable bytes replaced: lost).
+    Latin-1 maps every byte to one character, so :func:`_field` recovers the bytes exactly."""
+    saved = cyvcf2.cyvcf2.ENC
+    cyvcf2.cyvcf2.ENC = "latin-1"
+    try:
+        yield
+    finally:
+        cyvcf2.cyvcf2.ENC = saved
+
+
+def _field(value: str) -> str:
+    """A text field read under :func:`_latin1_fields` as the package's text (enformer_vep.text)."""
+    return from_bytes(value.encode("latin-1"))
+
+
 def _rows(rec, chrom: str, pos: int, fasta_chrom: str | None, pass_only: bool,
           n: int) -> Iterator[Allele | Skip]:
-    vid = rec.ID or f"{chrom}:{pos}"
-    ref, alts = rec.REF, rec.ALT
+    vid = _field(rec.ID) if rec.ID else f"{chrom}:{pos}"
+    ref, alts = _field(rec.REF), [_field(alt) for alt in rec.ALT]
     if not alts or all(alt in _NON_REF for alt in alts):
         yield Skip(chrom, pos, vid, ref, ".", NO_ALT, n)
         return

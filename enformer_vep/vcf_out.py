@@ -15,10 +15,11 @@ from typing import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
+import pysam
 
 from .errors import InputError
 from .tabix import bgzip_and_index
-from .variants import open_records
+from .variants import CONTIG_END, merge_spans, parse_region
 
 BLOCK_ROWS = 4096
 
@@ -34,7 +35,7 @@ def assay_families(labels: Sequence[str]) -> dict[str, np.ndarray]:
     return {name: np.array(columns) for name, columns in families.items()}
 
 
-def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list[str]]]:
+def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list]]:
     """((pos, ref, alt), INFO values per family [SAD, TRACK, SAD, TRACK...]) of a file's rows, in order."""
     with h5py.File(path, "r") as f:
         ids = [t.decode() for t in f["target_ids"][:]]
@@ -49,7 +50,7 @@ def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list[str]]]:
                 values = []
                 for name in families:
                     column = best[name][row]
-                    values += [f"{sad[row, column]:.4g}", ids[column]]
+                    values += [float(f"{sad[row, column]:.4g}"), ids[column]]
                 yield key, values
 
 
@@ -67,7 +68,11 @@ def info_header(labels: Sequence[str]) -> list[str]:
 def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *, regions: Sequence[str] = (),
                         chroms: Sequence[str] = ()) -> Path:
     """``dest`` (.vcf.gz, with .tbi): the records of ``vcf`` that the run read (``regions``/``chroms`` as
-    in the run) with INFO fields from the run's per-chromosome ``files`` ``{chrom: path}``."""
+    in the run) with INFO fields from the run's per-chromosome ``files`` ``{chrom: path}``.
+
+    Records are copied by htslib (pysam), so every byte we do not set travels unchanged, also text
+    that is not UTF-8. Raises :class:`InputError` for an unreadable VCF or rows that do not match it.
+    """
     dest = Path(dest)
     if not dest.name.endswith(".gz"):
         raise InputError(f"--vcf-out {dest}: the annotated VCF is bgzip-compressed; name it .vcf.gz")
@@ -81,41 +86,60 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
     if labels is None:
         raise InputError("--vcf-out: no variant was scored")
     names = [f"ENFORMER_{name}_{kind}" for name in assay_families(labels) for kind in ("SAD", "TRACK")]
-    n_fields = len(names)
+    missing = [None if name.endswith("_SAD") else "." for name in names]
     pending = {chrom: next(rows, None) for chrom, rows in per_file.items()}
     plain = dest.with_name(f"{dest.name}.{os.getpid()}.tmp.vcf")
-    handle, records = open_records(vcf, regions=regions, chroms=chroms)
     try:
-        with open(plain, "w") as out:
-            header = handle.raw_header.splitlines(keepends=True)
-            out.writelines(header[:-1] + [line + "\n" for line in info_header(labels)] + header[-1:])
-            for rec in records:
-                values = [[] for _ in range(n_fields)]
-                for alt in rec.ALT or ["."]:
-                    nxt = pending.get(rec.CHROM)
-                    if nxt is not None and nxt[0] == (rec.POS, rec.REF.upper(), alt.upper()):
+        reader = pysam.VariantFile(vcf)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {vcf}: {error}") from None
+    try:
+        header = reader.header.copy()
+        for line in info_header(labels):
+            header.add_line(line)
+        with pysam.VariantFile(str(plain), "w", header=header) as out:
+            for rec in _records(reader, vcf, regions, chroms):
+                rec.translate(out.header)
+                values = [[] for _ in names]
+                for alt in rec.alts or (".",):
+                    nxt = pending.get(rec.chrom)
+                    if nxt is not None and nxt[0] == (rec.pos, rec.ref.upper(), alt.upper()):
                         found = nxt[1]
-                        pending[rec.CHROM] = next(per_file[rec.CHROM], None)
-                    else:  # skipped allele: no row
-                        found = ["."] * n_fields
+                        pending[rec.chrom] = next(per_file[rec.chrom], None)
+                    else:  # skipped allele: no row; missing values ('.')
+                        found = missing
                     for field, value in zip(values, found):
                         field.append(value)
-                out.write(_with_info(str(rec), names, values))
+                scored = any(v not in (None, ".") for field in values for v in field)
+                for name, field in zip(names, values):  # ours replace any fields of these names
+                    if scored:
+                        rec.info[name] = tuple(field)
+                    elif name in rec.info:
+                        del rec.info[name]
+                out.write(rec)
+        unmatched = [chrom for chrom, nxt in pending.items() if nxt is not None]
+        if unmatched:
+            raise InputError(f"--vcf-out: scored rows of {unmatched[0]} do not match the records of {vcf}; "
+                             "was the VCF changed during the run?")
+    except BaseException:
+        plain.unlink(missing_ok=True)
+        raise
     finally:
-        handle.close()
-    unmatched = [chrom for chrom, nxt in pending.items() if nxt is not None]
-    if unmatched:
-        plain.unlink()
-        raise InputError(f"--vcf-out: scored rows of {unmatched[0]} do not match the records of {vcf}; "
-                         "was the VCF changed during the run?")
+        reader.close()
     return bgzip_and_index(plain, dest, preset="vcf")
 
 
-def _with_info(line: str, names: Sequence[str], values: list[list[str]]) -> str:
-    """The VCF line with ``NAME=v1,v2`` added to its INFO column (our keys replace any already there)."""
-    fields = line.rstrip("\n").split("\t")
-    kept = [] if fields[7] == "." else [kv for kv in fields[7].split(";") if kv.split("=", 1)[0] not in names]
-    if any(v != "." for field in values for v in field):
-        kept += [f"{name}={','.join(field)}" for name, field in zip(names, values)]
-    fields[7] = ";".join(kept) or "."
-    return "\t".join(fields) + "\n"
+def _records(reader: pysam.VariantFile, vcf: str, regions: Sequence[str], chroms: Sequence[str]) -> Iterator:
+    """The records the run read: all, or those whose POS lies in ``regions``/``chroms`` (through the
+    index, merged as the run merged them). A malformed record is an :class:`InputError`."""
+    spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
+    try:
+        if not spans:
+            yield from reader
+            return
+        for chrom, start, end in merge_spans(spans, list(reader.index.keys()), vcf):
+            for rec in reader.fetch(chrom, start - 1, end):
+                if start <= rec.pos <= end:
+                    yield rec
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {vcf}: {error}") from None

@@ -8,11 +8,13 @@ import gzip
 import hashlib
 import pickle
 import random
+import re
 import shutil
 import struct
 import zlib
 
 import numpy as np
+import pysam
 import pytest
 from helpers import DATA
 
@@ -328,8 +330,15 @@ def test_stale_index_is_detected(tmp_path):
     with pytest.raises(InputError, match=r"t\.fa\.fai does not match .*contig 'a'"):
         Genome(tmp_path / "t.fa")
     (tmp_path / "t.fa").write_text(">a\nACGT\nACGT\nACGT\n")  # long enough, but another line width
-    with pytest.raises(InputError, match="does not match its index"):
-        Genome(tmp_path / "t.fa").fetch("a", 0, 12)
+    # The index says a 12 3 8 9: the last base at byte 3 + 9 + 3 = 15 is followed by a base, not a line end.
+    with pytest.raises(InputError, match=r"t\.fa\.fai does not match the FASTA .*\(contig 'a' of 12 bases does not "
+                                         r"end at byte 16\)"):
+        Genome(tmp_path / "t.fa")
+    # Rewrapped with both ends in place (bytes 3 and 15 are still its first and last bases): only a read across
+    # the moved line end can tell; bytes 3-10 hold 7 bases and a line end.
+    (tmp_path / "t.fa").write_text(">a\nACGTAC\nGTACGT\n")
+    with pytest.raises(InputError, match=r"t\.fa\.fai does not match .*the bases of contig 'a' are not where it says"):
+        Genome(tmp_path / "t.fa").fetch("a", 0, 8)
 
 
 def test_malformed_indexes(tmp_path):
@@ -373,3 +382,215 @@ def test_genome_blocks_serve_the_same_bases_from_one_read():
         np.testing.assert_array_equal(blocks.fetch("1", start, end), original("1", start, end))
     assert len(reads) == 4  # the second request lies inside the first block
     assert not blocks.fetch("1", 0, 10).flags.writeable
+
+
+# -- existing indexes are checked against the FASTA's content --------------------------------------------------
+
+STALE_FAI_REPORT = DATA / "bug_reports" / "fasta_stale_fai_header_edit"
+
+
+def refusal(path) -> str:
+    """The message of the InputError that opening ``path`` raises; it must be one line."""
+    with pytest.raises(InputError) as caught:
+        Genome(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def stale_message(index: str, fasta: str, why: str) -> str:
+    """A regex for the refusal of ``index`` next to ``fasta`` (file names, not paths) because of ``why`` (a regex)."""
+    return (rf"^\S*/{re.escape(index)} does not match the FASTA \S*/{re.escape(fasta)} \({why}\): the FASTA changed "
+            rf"after the index was made; rebuild it with `samtools faidx \S*/{re.escape(fasta)}` or delete "
+            rf"\S*/{re.escape(index)} \(it is rebuilt automatically\)$")
+
+
+def test_bug_report_header_edited_after_indexing_is_refused(tmp_path):
+    for name in ("ref.fa", "ref.fa.fai"):
+        shutil.copyfile(STALE_FAI_REPORT / name, tmp_path / name)
+    # The report's index says ctgA starts at byte 6: right after a 5-byte '>ctgA' line, which the edit lengthened.
+    assert (tmp_path / "ref.fa.fai").read_text() == "ctgA\t30000\t6\t60\t61\nctgB\t30000\t30512\t60\t61\n"
+    message = refusal(tmp_path / "ref.fa")
+    assert re.match(stale_message("ref.fa.fai", "ref.fa", r"contig 'ctgA' at byte 6 does not follow its '>ctgA' "
+                                                          r"header line"), message), message
+    # The same stale index beside the FASTA bgzip-compressed: offsets are read as uncompressed bytes.
+    pysam.tabix_compress(str(tmp_path / "ref.fa"), str(tmp_path / "ref.fa.gz"))
+    shutil.copyfile(STALE_FAI_REPORT / "ref.fa.fai", tmp_path / "ref.fa.gz.fai")
+    message = refusal(tmp_path / "ref.fa.gz")
+    assert re.match(stale_message("ref.fa.gz.fai", "ref.fa.gz", "contig 'ctgA' at byte 6 .*"), message), message
+    # Deleting the index, as the message says, rebuilds it; the report's three variants then match their REF.
+    (tmp_path / "ref.fa.fai").unlink()
+    g = Genome(tmp_path / "ref.fa")
+    header = (tmp_path / "ref.fa").read_bytes().split(b"\n", 1)[0]
+    assert g._records["ctgA"][1] == len(header) + 1 == 77
+    vcf = [line.split("\t") for line in (STALE_FAI_REPORT / "in.vcf").read_text().splitlines()
+           if not line.startswith("#")]
+    assert [(chrom, pos, ref) for chrom, pos, _, ref, *_ in vcf] == [("ctgA", "5000", "C"), ("ctgA", "15000", "T"),
+                                                                      ("ctgA", "26000", "T")]
+    for chrom, pos, _, ref, *_ in vcf:
+        assert fetch_str(g, chrom, int(pos) - 1, int(pos)) == ref
+
+
+def test_repeated_name_in_fai_is_refused(tmp_path):
+    (tmp_path / "t.fa").write_text(">a\nAC\n>b\nGG\n")
+    (tmp_path / "t.fa.fai").write_text("a\t2\t3\t2\t3\na\t2\t9\t2\t3\n")  # both entries fit the FASTA's layout
+    message = refusal(tmp_path / "t.fa")
+    assert re.match(stale_message("t.fa.fai", "t.fa", "line 2 repeats the name 'a'"), message), message
+
+
+# samtools' index of ">a desc\nACGTACGT\nACG\n>b\nACGT\n" (hand-derived): b's header starts at 8 + 9 + 4 = 21.
+SEQ_EDIT_FASTA = ">a desc\nACGTACGT\nACG\n>b\nACGT\n"
+SEQ_EDIT_FAI = "a\t11\t8\t8\t9\nb\t4\t24\t4\t5\n"
+
+
+@pytest.mark.parametrize("edited, why", [
+    # b's last base is expected at byte 24 + 3 = 27, so its sequence must end at byte 28.
+    (">a desc\nACGTACGT\nACG\n>b\nACGTA\n", "contig 'b' of 4 bases does not end at byte 28"),  # a base more
+    (">a desc\nACGTACGT\nACG\n>b\nACGT\nAC\n", "contig 'b' of 4 bases does not end at byte 28"),  # a line more
+    (">a desc\nACGTACGT\nACG\n>b\nACG\n", "contig 'b' of 4 bases does not end at byte 28"),  # a base fewer
+    (">a desc\nACGTACGT\nACG\n>b\nAC", "contig 'b' of 4 bases ends at byte 28, past the end of the file"),
+    # a's last base is expected at byte 8 + 9 + 2 = 19, so its sequence must end at byte 20.
+    (">a desc\nACGTACGT\nACGT\n>b\nACGT\n", "contig 'a' of 11 bases does not end at byte 20"),
+    (">a desc\nACGTACGT\nAC\n>b\nACGT\n", "contig 'a' of 11 bases does not end at byte 20"),
+    (">a desc\nACGTACGT\nACG\nACGTACGT\n>b\nACGT\n", "contig 'a' of 11 bases does not end at byte 20"),
+    (">a desc\nACGTACGT\nACG\n\n\n>b\nACGT\n", "contig 'b' at byte 24 does not follow its '>b' header line"),
+    (">b\nACGT\n>a desc\nACGTACGT\nACG\n", "contig 'a' at byte 8 does not follow its '>a' header line"),
+    (">ax esc\nACGTACGT\nACG\n>b\nACGT\n", "contig 'a' at byte 8 does not follow its '>a' header line"),  # renamed
+])
+def test_sequence_edited_after_indexing_is_refused(tmp_path, edited, why):
+    path = tmp_path / "t.fa"
+    path.write_text(SEQ_EDIT_FASTA)
+    pysam.faidx(str(path))
+    assert (tmp_path / "t.fa.fai").read_text() == SEQ_EDIT_FAI
+    assert fetch_str(Genome(path), "a", 0, 11) == "ACGTACGTACG"
+    path.write_text(edited)
+    message = refusal(path)
+    assert re.match(stale_message("t.fa.fai", "t.fa", why), message), message
+
+
+@pytest.mark.parametrize("text", [
+    ">a desc\nACGTACGT\nACG\n\n\n>b\nACGT\n\n",  # blank lines after a sequence
+    ">a desc\nACGTACGT\nACG\n>b\nACGT",  # no line end after the last base
+    ">a desc\r\nACGTACGT\r\nACG\r\n>b\r\nACGT\r\n",
+    ">a desc\nACGTACGT\nACG\n>empty x\n>b\nACGT\n>e2\n",  # empty sequences (indexed by us, skipped by samtools)
+])
+def test_existing_index_that_fits_is_accepted(tmp_path, text):
+    path = tmp_path / "t.fa"
+    path.write_bytes(text.encode())
+    built = Genome(path)  # our own index, checked when opened again
+    fai = (tmp_path / "t.fa.fai").read_bytes()
+    again = Genome(path)
+    assert (tmp_path / "t.fa.fai").read_bytes() == fai and again.contigs == built.contigs
+    assert fetch_str(again, "a", 0, 11) == "ACGTACGTACG" and fetch_str(again, "b", 0, 4) == "ACGT"
+
+
+def bgzf_fasta(tmp_path, name: str, text: bytes) -> str:
+    """``text`` bgzip-compressed by htslib into ``tmp_path/name`` and indexed by samtools (.fai and .gzi)."""
+    (tmp_path / "plain.fa").write_bytes(text)
+    path = str(tmp_path / name)
+    pysam.tabix_compress(str(tmp_path / "plain.fa"), path, force=True)
+    pysam.faidx(path)
+    return path
+
+
+def long_fasta(seed: int, length: int = 200_000) -> bytes:
+    rng = random.Random(seed)
+    seq = "".join(rng.choice("ACGT") for _ in range(length))
+    return (">s\n" + "".join(seq[i:i + 60] + "\n" for i in range(0, length, 60))).encode()
+
+
+def gzi_entries(gzi: bytes) -> list[tuple[int, int]]:
+    """(compressed, uncompressed) offsets listed in a .gzi (htslib's layout: a count, then little-endian pairs)."""
+    count = struct.unpack_from("<Q", gzi)[0]
+    assert len(gzi) == 8 + 16 * count
+    return [struct.unpack_from("<QQ", gzi, 8 + 16 * k) for k in range(count)]
+
+
+def gzi_of(entries) -> bytes:
+    return struct.pack("<Q", len(entries)) + b"".join(struct.pack("<QQ", c, u) for c, u in entries)
+
+
+def test_stale_gzi_is_refused(tmp_path):
+    data = long_fasta(3)
+    path = bgzf_fasta(tmp_path, "t.fa.gz", data)
+    samtools_gzi = (tmp_path / "t.fa.gz.gzi").read_bytes()
+    htslib_blocks = gzi_entries(samtools_gzi)
+    assert [u for _, u in htslib_blocks] == [0xff00, 2 * 0xff00, 3 * 0xff00]  # htslib's block size
+    bases = data[3:].replace(b"\n", b"").decode()
+    assert fetch_str(Genome(path), "s", 130_000, 130_600) == bases[130_000:130_600]
+
+    # The same FASTA recompressed with another block layout: the .fai still fits, the .gzi does not.
+    compressed, own_gzi = bgzip(data, 50_000)
+    own_blocks = gzi_entries(own_gzi)
+    assert htslib_blocks[0][0] not in {c for c, _ in own_blocks}
+    (tmp_path / "t.fa.gz").write_bytes(compressed)
+    message = refusal(path)
+    assert re.match(stale_message("t.fa.gz.gzi", "t.fa.gz", f"no BGZF block starts at its byte "
+                                                             f"{htslib_blocks[0][0]}"), message), message
+    (tmp_path / "t.fa.gz.gzi").write_bytes(own_gzi)
+    assert fetch_str(Genome(path), "s", 130_000, 130_600) == bases[130_000:130_600]
+
+    # A right block start with a wrong uncompressed offset: the blocks before it hold 2 x 50,000 bytes.
+    assert own_blocks[1][1] == 100_000
+    (tmp_path / "t.fa.gz.gzi").write_bytes(gzi_of([(own_blocks[1][0], 100_001)]))
+    message = refusal(path)
+    assert re.match(stale_message("t.fa.gz.gzi", "t.fa.gz", f"the block at byte {own_blocks[1][0]} holds "
+                                                             f"uncompressed byte 100000, not 100001"), message), message
+
+    # The .gzi of another FASTA of the same length: the same uncompressed layout, other compressed sizes.
+    other = bgzf_fasta(tmp_path, "u.fa.gz", long_fasta(4))
+    assert (tmp_path / "u.fa.gz.fai").read_bytes() == (tmp_path / "t.fa.gz.fai").read_bytes()
+    other_blocks = gzi_entries((tmp_path / "u.fa.gz.gzi").read_bytes())
+    assert htslib_blocks[0][0] not in {c for c, _ in other_blocks}
+    (tmp_path / "u.fa.gz.gzi").write_bytes(samtools_gzi)
+    message = refusal(other)
+    assert re.match(stale_message("u.fa.gz.gzi", "u.fa.gz", f"no BGZF block starts at its byte "
+                                                             f"{htslib_blocks[0][0]}"), message), message
+
+    # The FASTA cut short and recompressed by htslib: its first block is unchanged, the second ends earlier.
+    short = bgzf_fasta(tmp_path, "v.fa.gz", data[:120_000])
+    assert gzi_entries((tmp_path / "v.fa.gz.gzi").read_bytes()) == htslib_blocks[:1]
+    assert htslib_blocks[1][0] >= (tmp_path / "v.fa.gz").stat().st_size
+    (tmp_path / "v.fa.gz.gzi").write_bytes(samtools_gzi)
+    message = refusal(short)
+    assert re.match(stale_message("v.fa.gz.gzi", "v.fa.gz", f"it lists byte {htslib_blocks[1][0]}, past the end "
+                                                             f"of the file"), message), message
+
+
+def described_fasta(newline: str, final_newline: bool) -> tuple[bytes, dict]:
+    """(FASTA bytes, name -> sequence): long description headers (one of 150,000 bytes, longer than a BGZF block),
+    several line widths, soft-masked bases, a blank line between records."""
+    rng = random.Random(11)
+    seqs, text = {}, ""
+    for name, length, width, description in [("chr1", 70_000, 60, "Homo sapiens chromosome 1 " + "x" * 300),
+                                             ("chrUn_KI270302v1", 2_001, 70, "AC:KI270302.1 " + "y" * 150_000),
+                                             ("chrM", 16_569, 80, "\tmitochondrion LN:16569"),
+                                             ("HLA-A*01:01:01:01", 3_503, 60, "HLA00001 3503 bp")]:
+        seqs[name] = "".join(rng.choice("ACGTacgtN") for _ in range(length))
+        text += f">{name} {description}{newline}"
+        text += "".join(seqs[name][i:i + width] + newline for i in range(0, length, width))
+        text += newline if name == "chrUn_KI270302v1" else ""
+    return (text if final_newline else text[:-len(newline)]).encode(), seqs
+
+
+@pytest.mark.parametrize("newline, final_newline", [("\n", True), ("\r\n", True), ("\r\n", False)])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_fresh_samtools_indexes_are_accepted(tmp_path, newline, final_newline, compressed):
+    data, seqs = described_fasta(newline, final_newline)
+    if compressed:
+        path = bgzf_fasta(tmp_path, "ref.fa.gz", data)
+    else:
+        path = str(tmp_path / "ref.fa")
+        (tmp_path / "ref.fa").write_bytes(data)
+        pysam.faidx(path)
+    indexes = {p.name: p.read_bytes() for p in tmp_path.glob("ref.fa*.[fg]*i")}
+    assert sorted(indexes) == (["ref.fa.gz.fai", "ref.fa.gz.gzi"] if compressed else ["ref.fa.fai"])
+    g = Genome(path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ref.fa*.[fg]*i")} == indexes  # used, not rebuilt
+    assert g.contigs == {name: len(seq) for name, seq in seqs.items()}
+    rng = random.Random(5)
+    for name, seq in seqs.items():
+        assert fetch_str(g, name, -3, len(seq) + 3) == padded(seq, -3, len(seq) + 3)
+        for _ in range(20):
+            start = rng.randint(0, len(seq))
+            assert fetch_str(g, name, start, start + 700) == padded(seq, start, start + 700)

@@ -1,5 +1,6 @@
 """`enformer-score VCF --fasta FA`: end to end on real data, on a hand-derivable toy model,
 on bad inputs, and across a SIGKILL."""
+import json
 import os
 import shutil
 import signal
@@ -227,15 +228,81 @@ def test_toy_model_reverse_complement_by_hand(tmp_path):
     np.testing.assert_allclose(sar, [sar_a, sar_c, sar_c, sar_a], atol=1e-3)
 
 
+def test_contig_lengths_that_differ_from_the_fasta_are_reported(tmp_path, caplog):
+    """The VCF says `chrM` is 16,571 bp (hg19) where the FASTA's `MT` has 16,569 (rCRS): scored, but
+    warned once, written into run.json and the summary; a contig of matching length is not reported."""
+    fasta, targets = toy_genome(tmp_path)
+    with open(fasta, "a") as f:
+        f.write(">MT\n" + "\n".join(["A" * 60] * (16_569 // 60)) + "\n" + "A" * (16_569 % 60) + "\n")
+    vcf = tmp_path / "mito.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=t,length=600000>\n##contig=<ID=chrM,length=16571>\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   f"t\t{P}\tsnv\tA\tG\t.\tPASS\t.\nchrM\t100\tm1\tA\tG\t.\tPASS\t.\nchrM\t200\tm2\tA\tC\t.\tPASS\t.\n")
+    with caplog.at_level("WARNING", logger="enformer_vep"):
+        summary = score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets),
+                                         progress=False), model=BaseCounter())
+    expected = [{"vcf": "chrM", "vcf_length": 16_571, "fasta": "MT", "fasta_length": 16_569}]
+    assert summary.scored == 3 and summary.contig_lengths == expected
+    assert "contig chrM: the VCF header says 16,571 bp, the FASTA's MT has 16,569 bp" in "\n".join(summary.lines())
+    warnings = [r.getMessage() for r in caplog.records if "16,571" in r.getMessage()]
+    assert len(warnings) == 1
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["contig_length_differences"] == expected
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 def fails_cleanly(out, *args):
     result = CliRunner().invoke(cli, [str(a) for a in args] + ["-o", str(out), "--no-progress", "--device", "cpu"])
     assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception  # no traceback
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1, result.output
     assert not list(out.glob("*.h5")) if out.exists() else True
+    assert not [p for p in out.parent.rglob("*") if "tmp" in p.name.split(".")], "a temporary file was left"
     return error[0]
+
+
+BUG_REPORTS = DATA / "bug_reports"
+
+
+@pytest.mark.parametrize("name", ["spaces_sites.vcf", "spaces_samples.vcf"])
+def test_header_separated_by_spaces_is_a_one_line_error(tmp_path, fast_model, name):
+    vcf = BUG_REPORTS / "vcf_header_spaces" / name
+    message = fails_cleanly(tmp_path / "out", vcf, "--fasta", BUG_REPORTS / "ref.fa", "--model", fast_model)
+    assert str(vcf) in message and "#CHROM header line is separated by spaces instead of tabs" in message
+
+
+def test_repeated_sample_names_are_a_one_line_error(tmp_path, fast_model):
+    def repeat_sample(lines):
+        return [line.rstrip("\n") + "\tHG002\n" if line.startswith("#CHROM") else
+                line.rstrip("\n") + "\t0/1\n" if not line.startswith("#") else line for line in lines]
+    message = fails_cleanly(tmp_path / "out", giab_vcf(tmp_path, repeat_sample), "--fasta", GIAB / "reference.fa",
+                            "--model", fast_model)
+    assert "repeats the sample name 'HG002'" in message
+
+
+@pytest.mark.parametrize("keep", [60, 3000])
+def test_truncated_bcf_is_a_one_line_error(tmp_path, fast_model, keep):
+    """Cut inside the header (60 bytes) or inside the records (3,000 of 8,606 bytes)."""
+    bcf = tmp_path / "cut.bcf"
+    bcf.write_bytes((GIAB / "input.bcf").read_bytes()[:keep])
+    message = fails_cleanly(tmp_path / "out", bcf, "--fasta", GIAB / "reference.fa", "--model", fast_model)
+    assert str(bcf) in message
+
+
+def test_bytes_that_are_not_utf8_travel_unchanged_into_snp_and_skipped(tmp_path, fast_model):
+    """A Latin-1 ID (0xE9) and a UTF-8 one reach `snp` and skipped.tsv byte for byte."""
+    source = (BUG_REPORTS / "vcf_out_latin1_bytes" / "latin1_id.vcf").read_bytes()
+    assert b"id_\xe9_latin1" in source
+    vcf = tmp_path / "ids.vcf"
+    vcf.write_bytes(source + b"ctgA\t27000\tsk\xe9p_\xc3\xa9\tT\t<DEL>\t50\tPASS\t.\tGT\t0/1\n")
+    out = tmp_path / "out"
+    run_cli(vcf, "--fasta", BUG_REPORTS / "ref.fa", "--model", fast_model, "--device", "cpu", "--no-progress",
+            "-o", out, "--tracks", "0-9")
+    with h5py.File(out / "ids.ctgA.h5") as f:
+        assert f["snp"][:].tolist() == [b"id_\xe9_latin1"]
+    skipped = (out / "skipped.tsv").read_bytes().splitlines()
+    assert skipped[1].split(b"\t")[:3] == [b"ctgA", b"27000", b"sk\xe9p_\xc3\xa9"]
 
 
 def giab_vcf(tmp_path, transform):
@@ -440,3 +507,28 @@ def test_killed_multi_worker_run_stops_its_workers_and_resumes_identically(tmp_p
     subprocess.run(command, check=True, capture_output=True)
     for name in OUTPUT_FILES:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_full_disk_names_the_file_and_a_rerun_resumes(tmp_path, fast_model, monkeypatch):
+    """The disk fills up while the third block is staged: one line naming that file and saying to rerun,
+    no temporary file; the rerun finishes with the files of an undisturbed run."""
+    import errno
+
+    args = [GIAB / "input.vcf.gz", "--fasta", GIAB / "reference.fa", "--model", fast_model, "--tracks", "0-9",
+            "--checkpoint-every", "10", "--region", "chr1:1-814303"]  # 34 records: 4 blocks
+    savez, calls = np.savez, []
+
+    def filling_up(file, **arrays):
+        calls.append(file)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", filling_up)
+    message = fails_cleanly(tmp_path / "out", *args)
+    assert "no space left on the device" in message and "rerun the same command" in message
+    assert ".partial" in message and message.split(": ")[1].endswith(".npz")  # the block being written
+    monkeypatch.setattr(np, "savez", savez)
+    run_cli(*args, "-o", tmp_path / "out", "--no-progress", "--device", "cpu")
+    run_cli(*args, "-o", tmp_path / "clean", "--no-progress", "--device", "cpu")
+    assert (tmp_path / "out" / "input.chr1.h5").read_bytes() == (tmp_path / "clean" / "input.chr1.h5").read_bytes()

@@ -93,3 +93,52 @@ def test_vcf_out_needs_sad_and_no_shard(tmp_path, fast_model):
     assert result.exit_code == 1 and "--vcf-out needs SAD" in result.output
     result = CliRunner().invoke(cli, base + ["--shard", "1/2"])
     assert result.exit_code == 1 and "give it to `enformer-score merge`" in result.output
+
+
+BUG_REPORTS = DATA / "bug_reports"
+
+
+def latin1_vcf(tmp_path):
+    """The bug report's Latin-1 INFO value (0xE9, 0xE8) and UTF-8 ID and INFO, plus a Latin-1 ID."""
+    source = (BUG_REPORTS / "vcf_out_latin1_bytes" / "latin1_info.vcf").read_bytes()
+    assert b"NOTE=T\xe9lom\xe8re_latin1" in source and b"var_T\xc3\xa9lom\xc3\xa8re_utf8" in source
+    vcf = tmp_path / "latin1.vcf"
+    vcf.write_bytes(source + b"ctgB\t20000\tid_\xe9\tT\tA\t50\tPASS\tNOTE=\xff\tGT\t0/1\n")
+    return vcf, source.splitlines(keepends=True)[-2:] + [b"ctgB\t20000\tid_\xe9\tT\tA\t50\tPASS\tNOTE=\xff\tGT\t0/1\n"]
+
+
+def body_lines(path):
+    import gzip
+    return [line for line in gzip.decompress(path.read_bytes()).splitlines(keepends=True) if not line.startswith(b"#")]
+
+
+def without_ours(line: bytes) -> bytes:
+    """The line with our ENFORMER_* INFO keys taken out again."""
+    fields = line.split(b"\t")
+    fields[7] = b";".join(kv for kv in fields[7].split(b";") if not kv.startswith(b"ENFORMER_")) or b"."
+    return b"\t".join(fields)
+
+
+def test_bytes_that_are_not_utf8_travel_unchanged_into_the_annotated_vcf(tmp_path, fast_model):
+    vcf, records = latin1_vcf(tmp_path)
+    result = CliRunner().invoke(cli, [str(vcf), "--fasta", str(BUG_REPORTS / "ref.fa"), "--model", str(fast_model),
+                                      "--device", "cpu", "--no-progress", "-o", str(tmp_path / "out"),
+                                      "--vcf-out", str(tmp_path / "annotated.vcf.gz")])
+    assert result.exit_code == 0, result.output
+    lines = body_lines(tmp_path / "annotated.vcf.gz")
+    assert [without_ours(line) for line in lines] == records
+    assert all(b"ENFORMER_CAGE_SAD=" in line for line in lines)
+    assert not [p for p in tmp_path.rglob("*") if "tmp" in p.name.split(".")]
+
+
+def test_merge_keeps_the_bytes_in_its_annotated_vcf(tmp_path, fast_model):
+    vcf, records = latin1_vcf(tmp_path)
+    for k in (1, 2):
+        result = CliRunner().invoke(cli, [str(vcf), "--fasta", str(BUG_REPORTS / "ref.fa"), "--model",
+                                          str(fast_model), "--device", "cpu", "--no-progress", "--checkpoint-every",
+                                          "1", "--shard", f"{k}/2", "-o", str(tmp_path / f"s{k}")])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "-o", str(tmp_path / "m"),
+                                      "--vcf-out", str(tmp_path / "m.vcf.gz")])
+    assert result.exit_code == 0, result.output
+    assert [without_ours(line) for line in body_lines(tmp_path / "m.vcf.gz")] == records
