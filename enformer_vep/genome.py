@@ -138,10 +138,14 @@ class Genome:
             if header is None or pos + header[1] > len(data):
                 raise InputError(f"{self.path} is corrupt: no valid BGZF block at byte {coffsets[i] + pos}")
             header_len, block_size = header
+            # Inflate only as far as this read needs: the index checks read a few bytes from each of many blocks.
+            inflater, wanted = zlib.decompressobj(-15), skip + size - have
             try:
-                block = zlib.decompress(data[pos + header_len:pos + block_size - _BGZF_FOOTER], -15)
+                block = inflater.decompress(data[pos + header_len:pos + block_size - _BGZF_FOOTER], wanted)
             except zlib.error as e:
                 raise InputError(f"{self.path} is corrupt: BGZF block at byte {coffsets[i] + pos}: {e}") from e
+            if len(block) < wanted and not inflater.eof:
+                raise InputError(f"{self.path} is corrupt: BGZF block at byte {coffsets[i] + pos} is truncated")
             parts.append(block)
             have += len(block)
             pos += block_size
@@ -212,7 +216,7 @@ class Genome:
             if listed == len(coffsets):
                 return
             if coffset > coffsets[listed]:
-                raise _stale(gzi, self.path, f"no BGZF block starts at its byte {coffsets[listed]}")
+                raise _stale(gzi, self.path, f"it lists byte {coffsets[listed]}, where no BGZF block starts")
             if coffset == coffsets[listed]:
                 if uoffset != uoffsets[listed]:
                     raise _stale(gzi, self.path, f"the block at byte {coffset} holds uncompressed byte {uoffset}, "

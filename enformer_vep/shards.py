@@ -16,8 +16,8 @@ import json
 from collections import Counter
 
 from .errors import InputError
-from .variants import read_variants, resolve_contig
-from .vcf_index import index_record_counts
+from .variants import open_vcf, read_variants, resolve_contig
+from .vcf_index import check_vcf_index, index_record_counts
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -56,13 +56,14 @@ class Layout:
 def record_layout(vcf: str, fasta_contigs, *, regions=(), chroms=()) -> Layout:
     """Count the records of the stream ``read_variants`` gives for these arguments, per contig."""
     if not regions:
-        from cyvcf2 import VCF
-        handle = VCF(vcf, lazy=True)
+        handle = open_vcf(vcf)
         try:
-            header = [rec.info()["ID"] for rec in handle.header_iter() if rec.type == "CONTIG"]
+            header = list(handle.seqnames)  # a BCF's CSI numbers contigs as its header does
         finally:
             handle.close()
         counts = index_record_counts(vcf, header)
+        if counts is not None:
+            check_vcf_index(vcf, header)
         if counts is not None:
             wanted = {resolve_contig(c, counts) for c in chroms}
             if None in wanted:

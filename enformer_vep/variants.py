@@ -22,6 +22,7 @@ from cyvcf2 import VCF
 
 from .errors import InputError
 from .text import from_bytes
+from .vcf_index import check_vcf_index
 
 NO_ALT, SYMBOLIC, INVALID, NOT_PASS, UNKNOWN_CONTIG = SKIP_REASONS = (
     "no ALT allele", "symbolic allele", "invalid allele", "not PASS", "contig not in FASTA")
@@ -175,6 +176,7 @@ def open_records(path, *, regions: Sequence[str] = (), chroms: Sequence[str] = (
     try:
         if spans:
             _check_indexed(path)
+            check_vcf_index(path, list(vcf.seqnames))
             return vcf, _query(vcf, merge_spans(spans, vcf.seqnames, path))
         return vcf, iter(vcf)
     except BaseException:

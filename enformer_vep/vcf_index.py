@@ -22,8 +22,6 @@ from .errors import InputError
 
 #: min_shift and depth of every ``.tbi`` (fixed by the tabix format; a CSI stores its own).
 TBI_MIN_SHIFT, TBI_DEPTH = 14, 5
-#: The pseudo-bin of a ``.tbi``, holding the contig's statistics (see :func:`pseudo_bin`).
-TBI_PSEUDO_BIN = 37450
 
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"  # gzip ID1 ID2, CM = deflate, FLG = FEXTRA
 _BGZF_HEADER = 12  # gzip fixed header up to and including XLEN
@@ -48,8 +46,6 @@ class IndexedContig:
 class VcfIndex:
     """A parsed ``.tbi`` or ``.csi``: its binning scheme and its contigs in index order."""
 
-    path: str
-    csi: bool
     min_shift: int
     depth: int
     contigs: tuple[IndexedContig, ...]
@@ -76,9 +72,7 @@ def read_index(index_path: str, header_contigs: list[str]) -> VcfIndex:
     contigs in a tabix aux block; a CSI of a BCF has none and numbers them in header order,
     so ``header_contigs`` name them. Raises :class:`InputError` for anything unreadable."""
     try:
-        with open(index_path, "rb") as handle:
-            data = gzip.decompress(handle.read())
-        return _parse(index_path, data, header_contigs)
+        return _read_index(index_path, header_contigs)
     except _UNREADABLE as error:
         raise InputError(f"unreadable VCF index {index_path}: {error}") from None
 
@@ -99,7 +93,7 @@ def index_record_counts(path: str, header_contigs: list[str]) -> dict[str, int] 
 def _read_index(index_path: str, header_contigs: list[str]) -> VcfIndex:
     with open(index_path, "rb") as handle:
         data = gzip.decompress(handle.read())  # an index is BGZF-compressed: gzip members
-    return _parse(index_path, data, header_contigs)
+    return _parse(data, header_contigs)
 
 
 class _Reader:
@@ -134,17 +128,19 @@ def _names(reader: _Reader) -> list[str]:
     return [name.decode() for name in blob.split(b"\0")[:-1]]
 
 
-def _parse(index_path: str, data: bytes, header_contigs: list[str]) -> VcfIndex:
+def _parse(data: bytes, header_contigs: list[str]) -> VcfIndex:
     reader = _Reader(data)
     magic = data[:4]
     if magic == b"TBI\1":
-        n_ref = reader.take("4xi")
+        reader.skip(4)
+        n_ref = reader.count()
         names = _names(reader)
         min_shift, depth = TBI_MIN_SHIFT, TBI_DEPTH
     elif magic == b"CSI\1":
         min_shift, depth, l_aux = reader.take("4xiii")
-        if not (0 < min_shift < 64 and 0 <= depth < 20 and l_aux >= 0):
-            raise ValueError(f"implausible CSI header (min_shift {min_shift}, depth {depth}, l_aux {l_aux})")
+        # the widest bin, 1 << (min_shift + 3 depth), must fit 64-bit positions
+        if not (min_shift > 0 and depth >= 0 and min_shift + 3 * depth < 64 and l_aux >= 0):
+            raise ValueError(f"implausible CSI header: min_shift {min_shift}, depth {depth}, l_aux {l_aux}")
         names = _names(_Reader(data[reader.at:reader.at + l_aux])) if l_aux else header_contigs
         reader.skip(l_aux)
         n_ref = reader.count()
@@ -171,7 +167,7 @@ def _parse(index_path: str, data: bytes, header_contigs: list[str]) -> VcfIndex:
         if magic == b"TBI\1":
             reader.skip(8 * reader.count())  # linear index
         contigs.append(IndexedContig(names[tid], bins, mapped))
-    return VcfIndex(index_path, magic == b"CSI\1", min_shift, depth, tuple(contigs))
+    return VcfIndex(min_shift, depth, tuple(contigs))
 
 
 # Verdicts of check_vcf_index by (data path, size, mtime_ns, index path, size, mtime_ns): the error
@@ -274,8 +270,7 @@ def _check_contig(blocks: _Bgzf, index: VcfIndex, tid: int, contig: IndexedConti
                         f"outside its bin {first_bin} ({low + 1}-{high})")
     chrom, _ = _record(blocks, last, bcf)
     if chrom == (tid if bcf else contig.name.encode()):
-        raise _Mismatch(f"a record of this contig follows its last indexed one, at {_voffset(last)} "
-                        "(records appended after indexing?)")
+        raise _Mismatch(f"a record of this contig follows its last indexed one, at {_voffset(last)}")
     if bcf and chrom is not None and not 0 <= chrom < n_header_contigs:
         raise _Mismatch(f"no record starts where its last chunk ends, at {_voffset(last)}")
 
@@ -283,7 +278,8 @@ def _check_contig(blocks: _Bgzf, index: VcfIndex, tid: int, contig: IndexedConti
 def _record(blocks: _Bgzf, voffset: int, bcf: bool) -> tuple[int | bytes | None, int]:
     """(CHROM, POS - 1) of the record at ``voffset``; CHROM is None at the end of the data. A BCF
     record starts uint32 l_shared, uint32 l_indiv, int32 CHROM, int32 0-based POS (VCFv4.3 6.3);
-    a VCF record is a line: CHROM TAB POS TAB ..."""
+    a VCF record is a line: CHROM TAB POS TAB ..., the first after any '#' lines there (tabix
+    skips them, and a chunk may begin or end where one starts)."""
     if bcf:
         got = blocks.read(voffset, lambda out: len(out) >= 16)
         if got is None:
@@ -292,15 +288,29 @@ def _record(blocks: _Bgzf, voffset: int, bcf: bool) -> tuple[int | bytes | None,
             raise _Mismatch(f"the data ends inside the record at {_voffset(voffset)}")
         _, _, chrom, beg = struct.unpack_from("<IIii", got[1])
         return chrom, beg
-    got = blocks.read(voffset, lambda out: out.count(b"\t") >= 2 or b"\n" in out)
+    def enough(out: bytes) -> bool:
+        out = _after_meta(out)
+        return not out.startswith(b"#") and (out.count(b"\t") >= 2 or b"\n" in out)
+
+    got = blocks.read(voffset, enough)
     if got is None:
         return None, -1
     before, text = got
+    text = _after_meta(text)
+    if not text:
+        return None, -1
     fields = text.split(b"\n", 1)[0].split(b"\t", 2)
     # A within-block offset of 0 gives no preceding byte to look at (the previous block is unknown).
     if before not in (b"", b"\n") or len(fields) < 3 or not fields[1].isdigit():
         raise _Mismatch(f"no VCF record starts at {_voffset(voffset)}")
     return fields[0], int(fields[1]) - 1
+
+
+def _after_meta(text: bytes) -> bytes:
+    """``text`` without its leading complete '#' lines."""
+    while text.startswith(b"#") and b"\n" in text:
+        text = text.split(b"\n", 1)[1]
+    return text
 
 
 def _voffset(voffset: int) -> str:
@@ -309,6 +319,7 @@ def _voffset(voffset: int) -> str:
 
 
 def _shown(chrom: int | bytes) -> str:
+    """A CHROM as read: a BCF contig number, or a VCF name."""
     return f"#{chrom}" if isinstance(chrom, int) else repr(chrom.decode(errors="replace"))
 
 

@@ -525,8 +525,8 @@ def test_stale_gzi_is_refused(tmp_path):
     assert htslib_blocks[0][0] not in {c for c, _ in own_blocks}
     (tmp_path / "t.fa.gz").write_bytes(compressed)
     message = refusal(path)
-    assert re.match(stale_message("t.fa.gz.gzi", "t.fa.gz", f"no BGZF block starts at its byte "
-                                                             f"{htslib_blocks[0][0]}"), message), message
+    assert re.match(stale_message("t.fa.gz.gzi", "t.fa.gz", f"it lists byte {htslib_blocks[0][0]}, where no "
+                                                             f"BGZF block starts"), message), message
     (tmp_path / "t.fa.gz.gzi").write_bytes(own_gzi)
     assert fetch_str(Genome(path), "s", 130_000, 130_600) == bases[130_000:130_600]
 
@@ -544,8 +544,8 @@ def test_stale_gzi_is_refused(tmp_path):
     assert htslib_blocks[0][0] not in {c for c, _ in other_blocks}
     (tmp_path / "u.fa.gz.gzi").write_bytes(samtools_gzi)
     message = refusal(other)
-    assert re.match(stale_message("u.fa.gz.gzi", "u.fa.gz", f"no BGZF block starts at its byte "
-                                                             f"{htslib_blocks[0][0]}"), message), message
+    assert re.match(stale_message("u.fa.gz.gzi", "u.fa.gz", f"it lists byte {htslib_blocks[0][0]}, where no "
+                                                             f"BGZF block starts"), message), message
 
     # The FASTA cut short and recompressed by htslib: its first block is unchanged, the second ends earlier.
     short = bgzf_fasta(tmp_path, "v.fa.gz", data[:120_000])
@@ -594,3 +594,16 @@ def test_fresh_samtools_indexes_are_accepted(tmp_path, newline, final_newline, c
         for _ in range(20):
             start = rng.randint(0, len(seq))
             assert fetch_str(g, name, start, start + 700) == padded(seq, start, start + 700)
+
+
+def test_truncated_deflate_data_is_corrupt(tmp_path):
+    # A block whose deflate stream stops short of its ISIZE: inflating only what a read needs must still notice.
+    block = bgzf_block(b">a\n" + b"ACGT" * 100 + b"\n")
+    body_end = len(block) - 8
+    header = bytearray(block[:18])
+    header[16:18] = struct.pack("<H", len(block) - 20 - 1)  # BSIZE - 1 of the block cut by 20 deflate bytes
+    (tmp_path / "t.fa.gz").write_bytes(bytes(header) + block[18:body_end - 20] + block[body_end:] + BGZF_EOF)
+    (tmp_path / "t.fa.gz.fai").write_text("a\t400\t3\t400\t401\n")
+    (tmp_path / "t.fa.gz.gzi").write_bytes(struct.pack("<Q", 0))
+    with pytest.raises(InputError, match=r"t\.fa\.gz is corrupt: BGZF block at byte 0 is truncated"):
+        Genome(tmp_path / "t.fa.gz")  # the .fai check reads the sequence's end

@@ -532,3 +532,13 @@ def test_full_disk_names_the_file_and_a_rerun_resumes(tmp_path, fast_model, monk
     run_cli(*args, "-o", tmp_path / "out", "--no-progress", "--device", "cpu")
     run_cli(*args, "-o", tmp_path / "clean", "--no-progress", "--device", "cpu")
     assert (tmp_path / "out" / "input.chr1.h5").read_bytes() == (tmp_path / "clean" / "input.chr1.h5").read_bytes()
+
+
+@pytest.mark.parametrize("selection", [("--region", "ctgA:1-30000"), ("--chrom", "ctgA"), ("--shard", "1/1")])
+def test_stale_vcf_index_is_refused_before_scoring(tmp_path, fast_model, selection):
+    """The bug report's VCF.gz was rewritten after its .tbi: htslib would hand out 3 of its 10 records."""
+    vcf = BUG_REPORTS / "stale_tbi_region" / "in.vcf.gz"
+    message = fails_cleanly(tmp_path / "out", vcf, "--fasta", BUG_REPORTS / "ref.fa", "--model", fast_model,
+                            *selection)
+    assert f"{vcf}.tbi does not match {vcf}" in message and f"tabix -f -p vcf {vcf}" in message
+    assert not (tmp_path / "out" / ".partial").exists() or not list((tmp_path / "out" / ".partial").rglob("*.npz"))

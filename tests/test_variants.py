@@ -324,7 +324,7 @@ def test_empty_vcf(tmp_path):
     assert list(read_variants(path, ["chr1"])) == []
 
 
-HEADER = "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
+META = "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
 FIXED = "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"
 
 
@@ -333,10 +333,10 @@ FIXED = "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"
     ("", "not a VCF: the first line is not ##fileformat"),
     (">1\nACGT\n", "not a VCF: the first line is not ##fileformat"),
     ("chr1\t10\t.\tA\tC\t.\t.\t.\n", "not a VCF: the first line is not ##fileformat"),  # no header
-    (HEADER + FIXED.replace("\t", " ") + "\nchr1\t10\t.\tA\tC\t.\t.\t.\n", "separated by spaces instead of tabs"),
-    (HEADER + FIXED + "\tFORMAT\tS1\tS2\tS1\nchr1\t10\t.\tA\tC\t.\t.\t.\tGT\t0\t0\t1\n",
+    (META + FIXED.replace("\t", " ") + "\nchr1\t10\t.\tA\tC\t.\t.\t.\n", "separated by spaces instead of tabs"),
+    (META + FIXED + "\tFORMAT\tS1\tS2\tS1\nchr1\t10\t.\tA\tC\t.\t.\t.\tGT\t0\t0\t1\n",
      "repeats the sample name 'S1'"),
-    (HEADER + "#CHROM\tPOS\tID\tREF\tALT\n", "does not start with the 8 tab-separated columns"),
+    (META + "#CHROM\tPOS\tID\tREF\tALT\n", "does not start with the 8 tab-separated columns"),
 ])
 def test_unreadable_files(tmp_path, content, message):
     path = tmp_path / "x.vcf"
