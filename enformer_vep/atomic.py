@@ -1,7 +1,9 @@
-"""Files that appear whole or not at all: written under a temporary name, fsync'ed, then renamed."""
+"""Files on disk: written so that they appear whole or not at all (a temporary name, fsync, rename),
+and their SHA-256 checksums."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,3 +34,12 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
     """Write ``path`` through ``write(binary file)``, atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

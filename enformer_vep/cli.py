@@ -46,6 +46,14 @@ def cli():
     """
 
 
+# Options several commands share, declared once.
+FASTA_OPTION = click.option(
+    "--fasta", required=True, type=click.Path(dir_okay=False),
+    help="Reference FASTA, plain or bgzip-compressed; its .fai (and .gzi) are built when missing and refused "
+         "when they no longer match it. Soft-masked bases are upper-cased.")
+DEVICE_OPTION = click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -89,11 +97,9 @@ def _stats(text: str) -> tuple[str, ...]:
         raise click.BadParameter(str(error)) from None
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.argument("vcf", type=click.Path(dir_okay=False))
-@click.option("--fasta", required=True, type=click.Path(dir_okay=False),
-              help="Reference FASTA, plain or bgzip-compressed (with .fai, and .gzi when compressed). "
-                   "A missing .fai of a plain FASTA is built. Soft-masked bases are upper-cased.")
+@FASTA_OPTION
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
               help="Output directory: one PREFIX.CHROM.h5 per chromosome, skipped.tsv and run.json.")
 @click.option("--model", metavar="SOURCE",
@@ -110,7 +116,7 @@ def _stats(text: str) -> tuple[str, ...]:
 @click.option("--ref-mismatch", type=click.Choice(["skip", "error", "score"]), default="skip", show_default=True,
               help="When REF differs from the FASTA: skip the allele (listed in skipped.tsv), stop with an "
                    "error, or score it anyway (the windows use the FASTA's bases).")
-@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@DEVICE_OPTION
 @click.option("--devices", callback=lambda c, p, v: _devices(v), metavar="LIST|all",
               help="Several devices on this node, comma-separated (cuda:0,cuda:1) or 'all' (every CUDA "
                    "device): one worker process per device, each scoring every n-th block of records; the "
@@ -192,7 +198,7 @@ def score(**kwargs):
         click.echo(f"wrote {kwargs['vcf_out']}", err=True)
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
               help="Output directory for the merged PREFIX.CHROM.h5 files, skipped.tsv, run.json, done.json.")
@@ -219,7 +225,7 @@ def _model_options(command):
     for option in reversed([
         click.option("--model", metavar="SOURCE", help="Weights (as for scoring). Default: $ENFORMER_VEP_MODEL, "
                                                        "else the official TF-Hub Enformer."),
-        click.option("--device", help="Torch device. Default: cuda when available, else cpu."),
+        DEVICE_OPTION,
         click.option("--organism", type=click.Choice(["human", "mouse"]), default="human", show_default=True,
                      help="Output head."),
         click.option("--targets", type=click.Path(dir_okay=False, exists=True),
@@ -236,9 +242,9 @@ def _choice(kwargs):
     return ModelChoice(**{k: kwargs.pop(k) for k in ("model", "device", "organism", "targets", "tracks")})
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.argument("regions", metavar="REGION|BED")
-@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@FASTA_OPTION
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @_model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Regions per pass.")
@@ -260,9 +266,9 @@ def predict(regions, fasta, out, bigwig_dir, batch_size, **kwargs):
     click.echo(f"wrote {out}: {n} regions" + (f"; bigWigs in {bigwig_dir}" if bigwig_dir else ""), err=True)
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.argument("region", metavar="REGION")
-@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@FASTA_OPTION
 @click.option("-o", "--out", "prefix", required=True, help="Output prefix: PREFIX.bedGraph and PREFIX.h5.")
 @_model_options
 @click.option("--bins", metavar="SPEC", help="Output bins of the objective: indices and ranges of 0..895. "
@@ -282,7 +288,7 @@ def contrib(region, fasta, prefix, bins, **kwargs):
     click.echo(f"wrote {bedgraph} and {h5} ({len(targets)} tracks)", err=True)
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.argument("scores_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
               help="Output directory: pca.npz (when fitted) and PREFIX.CHROM.pc.tsv.gz (+ .tbi) per chromosome.")
@@ -310,14 +316,14 @@ def pca(scores_dir, out_dir, components, stat, transform_path, max_rows):
                f" of {summary['stat']} explaining {explained:.1%} of its variance", err=True)
 
 
-@cli.group(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.group()
 def plot():
     """Figures (PNG or PDF, by the output's extension): `plot variant`, `plot contrib`."""
 
 
-@plot.command("variant", context_settings={"help_option_names": ["-h", "--help"]})
+@plot.command("variant")
 @click.argument("variant", metavar="VARIANT")
-@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@FASTA_OPTION
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .png or .pdf.")
 @click.option("--scores", "scores_dir", type=click.Path(file_okay=False, exists=True),
               help="A finished scoring run: VARIANT may then be a VCF ID of it, and without --tracks the "
@@ -338,9 +344,9 @@ def plot_variant(variant, fasta, out, scores_dir, top, **kwargs):
     click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
 
 
-@plot.command("contrib", context_settings={"help_option_names": ["-h", "--help"]})
+@plot.command("contrib")
 @click.argument("region", metavar="REGION")
-@click.option("--fasta", required=True, type=click.Path(dir_okay=False), help="Reference FASTA (as for scoring).")
+@FASTA_OPTION
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .png or .pdf.")
 @click.option("--from-h5", type=click.Path(dir_okay=False, exists=True),
               help="Plot the scores of this `contrib` output instead of computing them.")
@@ -378,7 +384,7 @@ def _new_heads(values) -> list[tuple[str, int]]:
     return heads
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.option("--data", "data", multiple=True, required=True, callback=lambda c, p, v: _head_data(v),
               metavar="HEAD=DIR", help="A Basenji2 data directory (statistics.json, tfrecords/train-*.tfr) for "
                                        "a head; repeat for human and mouse (one step each per global step).")
@@ -404,7 +410,7 @@ def _new_heads(values) -> list[tuple[str, int]]:
               help="Checkpoint file, written atomically every --checkpoint-every steps; if it exists, training "
                    "resumes from it exactly.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@DEVICE_OPTION
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar with the losses.")
 def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warmup, clip_grad_norm, bf16, seed,
           batch_size, shuffle_buffer, checkpoint, checkpoint_every, device, progress):
@@ -421,7 +427,7 @@ def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warm
     click.echo(f"wrote {out} after {len(losses)} steps (last losses: {last})", err=True)
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command()
 @click.option("--model", required=True, metavar="SOURCE", help="Weights to evaluate.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, exists=True),
               help="A Basenji2 data directory.")
@@ -433,7 +439,7 @@ def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warm
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-batches", type=click.IntRange(min=1), help="Stop after this many batches.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Per-track table (TSV: index identifier description r).")
-@click.option("--device", help="Torch device. Default: cuda when available, else cpu.")
+@DEVICE_OPTION
 def evaluate(model, data_dir, split, head, tracks, targets_path, batch_size, max_batches, out, device):
     """Pearson r of predictions and targets per track over all bins of a split, averaged over tracks."""
     from .jobs import evaluate_job

@@ -18,6 +18,7 @@ from .errors import InputError
 from .genome import Genome
 from .model import SEQUENCE_LENGTH, Enformer
 from .regions import Region, model_input
+from .targets import require_head
 from .windows import one_hot
 
 #: The central three output bins (of 896), around the region's centre: the notebook's choice.
@@ -36,8 +37,7 @@ def contributions(model: Enformer, genome: Genome, region: Region, *, head: str 
     """
     if model.training:
         raise RuntimeError("contributions() needs eval mode: call model.eval() first")
-    if head not in model.heads:
-        raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+    require_head(head, model.heads)
     n_tracks, n_bins = model.heads[head].out_features, model.config.target_length
     tracks = np.asarray(tracks, dtype=np.int64).reshape(-1)
     bins = DEFAULT_BINS if bins is None else np.asarray(bins, dtype=np.int64).reshape(-1)

@@ -1,4 +1,7 @@
-"""Exceptions whose message is shown to the user as a one-line error."""
+"""Exceptions whose message is shown to the user as a one-line error, and the wording they share."""
+from __future__ import annotations
+
+from typing import Iterable
 
 
 class EnformerVepError(Exception):
@@ -15,3 +18,9 @@ class DownloadError(EnformerVepError):
 
 class InputError(EnformerVepError):
     """A VCF, FASTA, region or option the run cannot use as given."""
+
+
+def preview(names: Iterable[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, and how many there are when there are more."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -21,11 +21,11 @@ from .plots import MAX_PLOT_TRACKS, plot_contributions, plot_variant, save_figur
 from .predict import predict_regions, write_bigwigs, write_predictions_h5
 from .regions import Region, bin_starts, read_regions
 from .scoring import default_device
-from .targets import Targets, head_targets, packaged_targets, select_tracks
+from .targets import Targets, head_targets, index_ranges, packaged_targets, require_head, select_tracks
 from .text import printable
 from .training import TrainConfig, evaluate, freeze_trunk, replace_head, save_trained, train
 from .variants import resolve_contig
-from .weights import default_model_source, load_model
+from .weights import load_model
 from .windows import allele_windows, one_hot
 
 ZOOM_LIMIT = 2_000  # bp: a region up to this long also gets a base-level panel
@@ -53,7 +53,7 @@ def one_region(text: str, genome: Genome, command: str) -> Region:
 def load_head(choice: ModelChoice):
     """``(model, device, Targets of the chosen head)`` for ``choice``."""
     device = default_device(choice.device)
-    model = load_model(choice.model or default_model_source(), device=device)
+    model = load_model(choice.model, device=device)
     return model, device, head_targets(choice.organism, model.config.heads, choice.targets)
 
 
@@ -83,14 +83,10 @@ def parse_bins(text: str | None) -> np.ndarray | None:
     """'447-449' or '440,450-452' -> bin indices (inclusive ranges); None stays None (the default)."""
     if text is None:
         return None
-    try:
-        chosen = []
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            chosen.extend(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise InputError(f"--bins expects indices and ranges such as 447-449 or 440,450-452, not {text!r}") from None
-    return np.array(sorted(set(chosen)))
+    ranges = index_ranges(text)
+    if ranges is None:
+        raise InputError(f"--bins expects indices and ranges such as 447-449 or 440,450-452, not {text!r}")
+    return np.array(sorted({i for lo, hi in ranges for i in range(lo, hi + 1)}))
 
 
 def contrib_job(region_text: str, fasta: str, prefix: str, choice: ModelChoice, *,
@@ -203,7 +199,7 @@ def train_job(data: dict[str, str], out: str, *, init: str | None = None, config
         torch.manual_seed(config.seed)
         model = Enformer(EnformerConfig(**settings)).to(device)
     else:
-        model = load_model(init or default_model_source(), device=device)
+        model = load_model(init, device=device)
     for name, n_tracks in new_heads:
         replace_head(model, name, n_tracks)
     model.to(device)
@@ -226,8 +222,7 @@ def evaluate_job(model_source: str, data_dir: str, *, split: str = "valid", head
     """``enformer-score evaluate``: Pearson r per track of ``head`` over all bins of ``split``; the
     per-track table to ``out``. Returns the :class:`training.EvalResult`."""
     model = load_model(model_source, device=default_device(device))
-    if head not in model.heads:
-        raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+    require_head(head, model.heads)
     n_tracks = model.heads[head].out_features
     table = None
     if targets_path or (head in ("human", "mouse") and n_tracks == len(packaged_targets(head))):

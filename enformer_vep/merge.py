@@ -9,7 +9,8 @@ from typing import Iterator, Sequence
 import h5py
 
 from .errors import InputError
-from .output import DONE, ROW_FIELDS, RunDirectory, sha256_file
+from .output import ROW_FIELDS
+from .rundir import RunDirectory, verify_done
 from .targets import Targets
 from .text import from_bytes
 from .vcf_out import write_annotated_vcf
@@ -44,24 +45,7 @@ class _Shard:
             raise InputError(f"{self.dir} was not run with --shard: there is nothing to merge it with")
         self.k, self.n = (int(v) for v in self.fingerprint["shard"].split("/"))
         self.name = f"shard {self.k}/{self.n} ({self.dir})"
-        self.done = self._verified_done()
-
-    def _verified_done(self) -> dict:
-        path = self.dir / DONE
-        if not path.is_file():
-            raise InputError(f"{self.name} is incomplete (no {DONE}): rerun its command to finish it")
-        try:
-            done = json.loads(path.read_text())
-            files = done["files"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{self.name}: {path} is unreadable: rerun its command") from None
-        for name, entry in files.items():
-            if not (self.dir / name).is_file():
-                raise InputError(f"{self.name} lacks {name}, listed in its {DONE}: rerun its command")
-            if sha256_file(self.dir / name) != entry["sha256"]:
-                raise InputError(f"{self.name}: {name} differs from its checksum (torn or altered): "
-                                 f"rerun its command with --overwrite")
-        return done
+        self.done = verify_done(self.dir, self.name)
 
 
 def merge_runs(shard_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False,

@@ -10,7 +10,6 @@ covariance); :func:`write_pc_tables` writes each variant's coordinates on them,
 from __future__ import annotations
 
 import dataclasses
-import json
 import mmap
 import os
 import zipfile
@@ -22,7 +21,8 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import InputError
-from .output import DONE, ROW_FIELDS, sha256_file
+from .output import ROW_FIELDS
+from .rundir import DONE, verify_done
 from .tabix import bgzip_and_index
 from .text import from_bytes, to_bytes
 
@@ -104,23 +104,11 @@ def scored_files(scores_dir: str | Path) -> dict[Path, int]:
     directory = Path(scores_dir)
     if not directory.is_dir():
         raise InputError(f"{directory} is not a directory")
-    record = directory / DONE
-    if not record.is_file():
-        raise InputError(f"{directory} is an unfinished run (no {DONE}): rerun its enformer-score command to finish it")
+    done = verify_done(directory)
     try:
-        listed = {name: (int(entry["rows"]), entry["sha256"])
-                  for name, entry in json.loads(record.read_text())["files"].items() if name.endswith(".h5")}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{record} is unreadable: rerun its enformer-score command") from None
-    files = {}
-    for name, (rows, digest) in listed.items():
-        path = directory / name
-        if not path.is_file():
-            raise InputError(f"{directory} lacks {name}, listed in its {DONE}: rerun its enformer-score command")
-        if sha256_file(path) != digest:
-            raise InputError(f"{path} differs from its checksum in {DONE} (torn or altered): "
-                             f"rerun its enformer-score command with --overwrite")
-        files[path] = rows
+        files = {directory / name: int(entry["rows"]) for name, entry in done["files"].items() if name.endswith(".h5")}
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{directory / DONE} is unreadable: rerun its enformer-score command") from None
     if not files:
         raise InputError(f"{directory} holds no scored variants (its {DONE} lists no .h5 file)")
     return files

@@ -22,11 +22,12 @@ from tqdm import tqdm
 from . import __version__
 from .errors import EnformerVepError, InputError
 from .genome import Genome, GenomeBlocks
-from .output import RunDirectory
+from .rundir import RunDirectory
 from .scoring import STATISTICS, VariantScorer, default_device, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
-from .targets import head_targets, select_tracks
-from .variants import Allele, Skip, contig_length_differences, read_variants
+from .targets import Targets, head_targets, select_tracks
+from .variants import Allele, Skip, contig_length_differences, open_vcf, read_variants
+from .vcf_index import index_record_counts
 from .vcf_out import write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
 from .windows import allele_windows, ref_matches
@@ -65,6 +66,11 @@ class ScoreOptions:
     overwrite: bool = False
     checkpoint_every: int = 1024
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
+
+    def head_tracks(self, heads: dict[str, int]) -> tuple[Targets, np.ndarray]:
+        """The scored head's track table and the columns ``tracks`` chooses (int64 ``[T]``)."""
+        targets = head_targets(self.organism, heads, self.targets)
+        return targets, select_tracks(self.tracks, targets)
 
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
@@ -182,8 +188,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     else:
         source, model_sha256 = "<in-memory model>", _model_digest(model)
         model = model.to(devices[0])
-    targets = head_targets(options.organism, model.config.heads, options.targets)
-    tracks = select_tracks(options.tracks, targets)
+    targets, tracks = options.head_tracks(model.config.heads)
     precision = options.precision or default_precision(torch.device(devices[0]))
     if options.reuse is None:
         options = dataclasses.replace(options, reuse=torch.device(devices[0]).type == "cuda")
@@ -252,8 +257,8 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
     variants = read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=chroms,
                              pass_only=options.pass_only)
     if model is None:
-        model = load_model(options.model or default_model_source(), device=device)
-    tracks = select_tracks(options.tracks, head_targets(options.organism, model.config.heads, options.targets))
+        model = load_model(options.model, device=device)
+    _, tracks = options.head_tracks(model.config.heads)
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
                            precision=options.precision, reuse=options.reuse, compile=options.compile)
@@ -411,11 +416,13 @@ def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: Thread
 
 
 def _indexed_record_count(vcf: str) -> int | None:
-    """Records in an indexed VCF/BCF (for the progress bar's ETA); None without an index."""
-    if not any(os.path.exists(vcf + ext) for ext in (".tbi", ".csi")):
-        return None
+    """Records in an indexed VCF/BCF from its index's statistics (for the progress bar's ETA); None
+    without an index or statistics."""
+    handle = open_vcf(vcf)
     try:
-        import cyvcf2
-        return int(cyvcf2.VCF(vcf, lazy=True).num_records)
-    except Exception:  # noqa: BLE001 - unindexed or unreadable: no total, read_variants reports real errors
-        return None
+        counts = index_record_counts(vcf, list(handle.seqnames))
+    except InputError:  # an unreadable index is only refused where records are read through it
+        counts = None
+    finally:
+        handle.close()
+    return None if counts is None else sum(counts.values())

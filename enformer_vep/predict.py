@@ -17,7 +17,7 @@ from .genome import Genome
 from .model import BIN_SIZE, TARGET_LENGTH, Enformer
 from .output import byte_strings
 from .regions import BINS_SPAN, Region, model_input, window_for
-from .targets import Targets
+from .targets import Targets, require_head
 from .windows import one_hot
 
 log = logging.getLogger("enformer_vep")
@@ -36,8 +36,7 @@ def predict_regions(model: Enformer, genome: Genome, regions: Iterable[Region], 
     mode). A region longer than the 114,688 bp the bins cover is predicted around its centre, with
     a warning.
     """
-    if head not in model.heads:
-        raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+    require_head(head, model.heads)
     n_tracks = model.heads[head].out_features
     if tracks is not None and (not len(tracks) or min(tracks) < 0 or max(tracks) >= n_tracks):
         raise InputError(f"tracks must be a non-empty selection of 0..{n_tracks - 1}")

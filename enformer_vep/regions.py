@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, preview
 from .genome import Genome
 from .model import BIN_SIZE, HUB_SEQUENCE_LENGTH, SEQUENCE_LENGTH, TARGET_LENGTH
 from .variants import CONTIG_END, parse_region, resolve_contig
@@ -76,8 +76,7 @@ def read_regions(spec: str | os.PathLike, fasta_contigs: Mapping[str, int]) -> l
 def _contig(name: str, fasta_contigs: Mapping[str, int], where: str) -> str:
     contig = resolve_contig(name, fasta_contigs)
     if contig is None:
-        shown = ", ".join(list(fasta_contigs)[:5]) + (", ..." if len(fasta_contigs) > 5 else "")
-        raise InputError(f"{where}: contig {name!r} is not in the FASTA (it has {shown})")
+        raise InputError(f"{where}: contig {name!r} is not in the FASTA (it has {preview(fasta_contigs)})")
     return contig
 
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -42,16 +43,37 @@ def packaged_targets(organism: str) -> Targets:
         return read_targets(path)
 
 
+def require_head(head: str, heads: Iterable[str]) -> None:
+    """Raise :class:`InputError` unless the model's ``heads`` (names) include ``head``."""
+    heads = list(heads)
+    if head not in heads:
+        raise InputError(f"the model has no {head!r} head (it has {', '.join(heads)})")
+
+
 def head_targets(organism: str, heads: dict[str, int], path: str | Path | None = None) -> Targets:
     """The track table of head ``organism`` (``path``, else the released one), checked against the
     head's size in ``heads`` (``{name: tracks}``)."""
-    if organism not in heads:
-        raise InputError(f"the model has no {organism!r} head (it has {', '.join(heads)})")
+    require_head(organism, heads)
     targets = read_targets(path) if path else packaged_targets(organism)
     if len(targets) != heads[organism]:
         raise InputError(f"the model's {organism} head has {heads[organism]} tracks but the track "
                          f"table has {len(targets)}: pass the matching table with --targets")
     return targets
+
+
+_INDEX_RANGES = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
+
+
+def index_ranges(text: str) -> list[tuple[int, int]] | None:
+    """``'0-9,15'`` -> ``[(0, 9), (15, 15)]`` (inclusive ranges, as written); None when ``text`` is not
+    such a list."""
+    if not _INDEX_RANGES.fullmatch(text):
+        return None
+    ranges = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        ranges.append((int(first), int(last or first)))
+    return ranges
 
 
 def select_tracks(spec: str | None, targets: Targets) -> np.ndarray:
@@ -60,15 +82,12 @@ def select_tracks(spec: str | None, targets: Targets) -> np.ndarray:
     n = len(targets)
     if spec is None:
         return np.arange(n)
-    if re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", spec):
-        chosen: list[int] = []
-        for part in spec.split(","):
-            first, _, last = part.partition("-")
-            lo, hi = int(first), int(last or first)
+    ranges = index_ranges(spec)
+    if ranges is not None:
+        for lo, hi in ranges:
             if lo > hi or hi >= n:
-                raise InputError(f"--tracks {part.strip()!r}: tracks are numbered 0..{n - 1}")
-            chosen.extend(range(lo, hi + 1))
-        return np.array(sorted(set(chosen)))
+                raise InputError(f"--tracks {lo}-{hi}: tracks are numbered 0..{n - 1}")
+        return np.array(sorted({i for lo, hi in ranges for i in range(lo, hi + 1)}))
     try:
         pattern = re.compile(spec)
     except re.error as error:

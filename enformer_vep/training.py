@@ -33,6 +33,7 @@ from torch import nn
 from .atomic import atomic_write
 from .errors import InputError
 from .model import Enformer
+from .targets import require_head
 
 log = logging.getLogger("enformer_vep")
 
@@ -287,8 +288,7 @@ def train(model: Enformer, data: Mapping[str, DataSource], config: TrainConfig,
     if not heads:
         raise InputError(f"no data for any of the model's heads ({', '.join(model.heads)})")
     for head in heads:
-        if head not in model.heads:
-            raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+        require_head(head, model.heads)
         if head not in data:
             raise InputError(f"no data for the {head!r} head")
 
@@ -427,8 +427,7 @@ def evaluate(model: Enformer, batches: Iterable[Batch], head: str, tracks: Seque
     ``tracks``: head column indices (None: all); targets may hold all the head's columns (they are
     then selected) or exactly the chosen ones. The model runs in eval mode (restored afterwards).
     """
-    if head not in model.heads:
-        raise InputError(f"the model has no {head!r} head (it has {', '.join(model.heads)})")
+    require_head(head, model.heads)
     n_head = model.heads[head].out_features
     columns = np.arange(n_head) if tracks is None else np.asarray(tracks, dtype=np.int64).reshape(-1)
     if columns.size == 0 or columns.min() < 0 or columns.max() >= n_head:
@@ -505,9 +504,4 @@ def freeze_trunk(model: Enformer, frozen: bool = True) -> None:
             module.train(model.training and not frozen)
 
 
-def freeze_heads(model: Enformer, keep: Iterable[str]) -> None:
-    """Stop gradients to every head except those in ``keep``."""
-    keep = set(keep)
-    for name, head in model.heads.items():
-        for p in head.parameters():
-            p.requires_grad_(name in keep)
+

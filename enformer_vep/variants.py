@@ -20,7 +20,7 @@ from typing import Collection, Iterable, Iterator, Sequence
 import cyvcf2.cyvcf2
 from cyvcf2 import VCF
 
-from .errors import InputError
+from .errors import InputError, preview
 from .text import from_bytes
 from .vcf_index import check_vcf_index
 
@@ -282,7 +282,7 @@ def merge_spans(spans: list[tuple[str, int, int]], vcf_contigs: list[str],
     for chrom, start, end in spans:
         name = resolve_contig(chrom, order)
         if name is None:
-            raise InputError(f"region contig {chrom!r} is not in {path} (it has {_few(vcf_contigs)})")
+            raise InputError(f"region contig {chrom!r} is not in {path} (it has {preview(vcf_contigs)})")
         by_contig.setdefault(name, []).append((start, end))
     merged = []
     for name in sorted(by_contig, key=order.__getitem__):
@@ -391,11 +391,6 @@ def _allele_problem(alt: str, ref_ok: bool) -> str | None:
     return None
 
 
-def _few(names: Sequence[str], k: int = 5) -> str:
-    shown = ", ".join(names[:k])
-    return shown + (f"... ({len(names)} in all)" if len(names) > k else "")
-
-
 def _no_match_message(vcf_contigs: Sequence[str], fasta_contigs: Sequence[str]) -> str:
-    return (f"no VCF contig matches the FASTA: VCF has {_few(vcf_contigs)}; "
-            f"FASTA has {_few(fasta_contigs) or 'no contigs'}")
+    return (f"no VCF contig matches the FASTA: VCF has {preview(vcf_contigs)}; "
+            f"FASTA has {preview(fasta_contigs) or 'no contigs'}")

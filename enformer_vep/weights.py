@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, sha256_file
 from .download import cache_dir, extract_savedmodel, fetch
 from .errors import DownloadError, WeightsError
 from .model import Enformer, EnformerConfig
@@ -281,17 +281,9 @@ def read_state(source: str | Path) -> dict[str, torch.Tensor]:
                        f"or .tar.gz, a Sonnet checkpoint prefix, or an enformer-pytorch checkpoint)")
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _extracted(archive: Path) -> Path:
     """The SavedModel inside ``archive``, extracted once into the cache (keyed by content)."""
-    target = cache_dir() / "savedmodels" / _file_digest(archive)[:16]
+    target = cache_dir() / "savedmodels" / sha256_file(archive)[:16]
     if (target / "variables" / "variables.index").is_file():
         return target
     return extract_savedmodel(archive, target)
@@ -346,13 +338,13 @@ def source_digest(source: str | Path) -> str:
     source = str(source)
     path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
     if path.is_file():
-        return _file_digest(path)
+        return sha256_file(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else \
         sorted(path.parent.glob(glob.escape(path.name) + ".*"))
     digest = hashlib.sha256()
     for file in files:
         name = file.relative_to(path) if path.is_dir() else file.name
-        digest.update(str(name).encode() + bytes.fromhex(_file_digest(file)))
+        digest.update(str(name).encode() + bytes.fromhex(sha256_file(file)))
     return digest.hexdigest()
 
 

@@ -121,7 +121,7 @@ def test_unfinished_and_damaged_shards_are_refused(runs, tmp_path):
     unfinished = copy(runs, "gz2", tmp_path)
     (unfinished / "done.json").unlink()
     result = merge(runs / "gz1", unfinished, runs / "gz3", "-o", tmp_path / "out")
-    assert result.exit_code == 1 and "shard 2/3" in result.output and "is incomplete" in result.output
+    assert result.exit_code == 1 and "shard 2/3" in result.output and "is an unfinished run" in result.output
     shutil.rmtree(unfinished)
     torn = copy(runs, "gz2", tmp_path)
     h5 = torn / "two_contigs.chr1.h5"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from enformer_vep.errors import InputError
-from enformer_vep.output import PERCENTILES, RunDirectory
+from enformer_vep.output import PERCENTILES
+from enformer_vep.rundir import RunDirectory
 from enformer_vep.targets import Targets
 from enformer_vep.variants import Allele, Skip
 

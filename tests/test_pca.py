@@ -11,7 +11,7 @@ from toy_models import BaseCounter
 
 from enformer_vep import pca
 from enformer_vep.errors import InputError
-from enformer_vep.output import sha256_file
+from enformer_vep.atomic import sha256_file
 from enformer_vep.pca import PcaTransform, fit_pca, run_pca, scored_files, write_pc_tables
 from enformer_vep.pipeline import ScoreOptions, score_vcf
 
