@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts the repository root on sys.path first)
-
 import torch  # noqa: E402
 
 from enformer_vep.pipeline import ScoreOptions, score_vcf  # noqa: E402
@@ -78,7 +77,7 @@ def write_inputs(directory: Path, records: int, genome_size: int, seed: int) -> 
         for start in range(0, records, block):
             stop = min(records, start + block)
             f.write("".join(f"{CHROM}\t{p}\tv{i}\t{refs[i]}\t{alts[i]}\t.\tPASS\t.\n"
-                            for i, p in zip(range(start, stop), positions[start:stop].tolist())))
+                            for i, p in zip(range(start, stop), positions[start:stop].tolist(), strict=True)))
     return fasta, vcf
 
 

@@ -25,7 +25,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts the repository root on sys.path first)
-
 import torch  # noqa: E402
 
 from enformer_vep.genome import Genome  # noqa: E402

@@ -92,7 +92,7 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA d
 $PY -c 'import cyvcf2, pysam, h5py, enformer_pytorch; print(\"cyvcf2\", cyvcf2.__version__, \"pysam\", \
 pysam.__version__, \"h5py\", h5py.__version__, \"enformer-pytorch imported\")'"
 
-step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py
+step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 
 step bench_score 220 $PY benchmarks/bench_score.py "${BENCH[@]}" "${RUNS[@]}" --json "$OUT/bench.json" \
     --append-results --results "$OUT/RESULTS.md"

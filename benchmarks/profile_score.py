@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts the repository root on sys.path first)
 import bench_score  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -265,8 +264,9 @@ def main(argv=None) -> int:
     if "error" not in layout:
         lines.append(f"\nconv layout, first conv-tower convolution {layout['shape']} -> {layout['out_channels']} "
                      f"channels, bf16: Conv1d [B, C, L] {layout['ncl_s'] * 1e3:.2f} ms "
-                     f"({layout['ncl_tflops']:.0f} TFLOP/s), channels-last Conv2d {layout['channels_last_s'] * 1e3:.2f} "
-                     f"ms ({layout['channels_last_tflops']:.0f} TFLOP/s); same result: {layout['same_result']}")
+                     f"({layout['ncl_tflops']:.0f} TFLOP/s), channels-last Conv2d "
+                     f"{layout['channels_last_s'] * 1e3:.2f} ms ({layout['channels_last_tflops']:.0f} TFLOP/s); "
+                     f"same result: {layout['same_result']}")
     att = section("attention", lambda: attention_shift(model, device, args.batch_size, args.precision))
     if "error" not in att:
         lines.append(f"attention, one layer, [{att['batch']}, {att['length']}, C] at {att['precision']}: strided "
@@ -277,7 +277,8 @@ def main(argv=None) -> int:
     if "error" not in pipe:
         lines.append(f"whole score_vcf job, {pipe['variants']} variants ({pipe['scored']} scored): "
                      f"{pipe['pipeline_rate']:.1f} variants/s; the scorer alone on the same variants "
-                     f"{pipe['scorer_rate']:.1f} variants/s (the job reaches {pipe['pipeline_rate'] / pipe['scorer_rate']:.0%})")
+                     f"{pipe['scorer_rate']:.1f} variants/s (the job reaches "
+                     f"{pipe['pipeline_rate'] / pipe['scorer_rate']:.0%})")
     text = "\n".join(lines) + "\n"
     (args.out / "profile.txt").write_text(text)
     (args.out / "profile.json").write_text(json.dumps(report, indent=1, default=str))

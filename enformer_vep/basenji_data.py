@@ -9,7 +9,7 @@ Layout of one data set (one organism), as in the Basenji2 / Enformer release
 Each record is a ``tf.train.Example`` with two bytes features: ``sequence`` (numpy bool
 ``[seq_length, 4]``, one byte per value, ACGT one-hot, all-zero rows for N) and ``target``
 (float16 ``[target_length, num_targets]``). Human and mouse are simply two data directories
-(5313 and 1643 tracks); the training loop reads one of each and alternates steps (SPEC §6).
+(5313 and 1643 tracks); the training loop reads one of each and alternates steps (docs/spec.md §8.1).
 
 Layers, each usable on its own:
 
@@ -30,8 +30,8 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -54,7 +54,7 @@ _READ_CHUNK = 1 << 20  # compressed bytes read from disk at a time
 _INFLATE_CHUNK = 4 << 20  # most decompressed bytes produced per decompress() call
 _MAX_RECORD = 1 << 34  # a length beyond this is corruption, not data (guards huge allocations)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ PathLike = Union[str, Path]
 class _Stream:
     """Bytes of a file, inflated on the fly (``compression`` 'ZLIB', 'GZIP' or None)."""
 
-    def __init__(self, fh, path: Path, compression: Optional[str]):
+    def __init__(self, fh, path: Path, compression: str | None):
         self._fh = fh
         self._path = path
         self._buf = bytearray()
@@ -138,7 +138,7 @@ class _Stream:
         return out
 
 
-def read_records(path: PathLike, compression: Optional[str] = "ZLIB", *, check_crc: bool = True) -> Iterator[bytes]:
+def read_records(path: PathLike, compression: str | None = "ZLIB", *, check_crc: bool = True) -> Iterator[bytes]:
     """Yield the payload of each record of a TFRecord file.
 
     ``compression`` is TensorFlow's option: 'ZLIB' (Basenji2 data; the whole file is one zlib
@@ -187,7 +187,7 @@ class _ProtoError(ValueError):
     pass
 
 
-def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = 0
     shift = 0
     end = len(buf)
@@ -204,7 +204,7 @@ def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
             raise _ProtoError("varint too long")
 
 
-def _fields(buf: memoryview) -> Iterator[Tuple[int, int, object]]:
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
     """(field number, wire type, value): int for varint/fixed, memoryview for length-delimited."""
     pos = 0
     end = len(buf)
@@ -262,7 +262,7 @@ def _parse_feature(buf: memoryview):
                     parts.append(np.frombuffer(v, "<f4"))
             value = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
         else:  # Int64List { repeated int64 value = 1 [packed]; }
-            ints: List[int] = []
+            ints: list[int] = []
             for f, w, v in _fields(payload):
                 if f != 1:
                     continue
@@ -277,14 +277,14 @@ def _parse_feature(buf: memoryview):
     return value
 
 
-def parse_example(data: bytes) -> Dict[str, object]:
+def parse_example(data: bytes) -> dict[str, object]:
     """Decode a serialized ``tf.train.Example`` into ``{name: value}``.
 
     A bytes feature gives a list of ``bytes``; a float feature a float32 array; an int64 feature
     an int64 array; a feature with no kind set gives None. Raises ValueError on malformed input.
     """
     buf = memoryview(data)
-    out: Dict[str, object] = {}
+    out: dict[str, object] = {}
     try:
         for field, wire, features in _fields(buf):
             if field != 1 or wire != 2:  # Example { Features features = 1; }
@@ -331,7 +331,7 @@ def _natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-def tfrecord_files(data_dir: PathLike, split: str) -> List[Path]:
+def tfrecord_files(data_dir: PathLike, split: str) -> list[Path]:
     """``data_dir/tfrecords/{split}-*.tfr`` in natural order (train-2 before train-10, as basenji's
     natsorted). Raises InputError when there are none."""
     folder = Path(data_dir) / "tfrecords"
@@ -341,7 +341,7 @@ def tfrecord_files(data_dir: PathLike, split: str) -> List[Path]:
     return files
 
 
-def _decode(example: Dict[str, object], stats: dict, where: str) -> Tuple[np.ndarray, np.ndarray]:
+def _decode(example: dict[str, object], stats: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
     seq_shape = (int(stats["seq_length"]), int(stats.get("seq_depth", 4)))
     tgt_shape = (int(stats["target_length"]), int(stats["num_targets"]))
     arrays = []
@@ -360,7 +360,7 @@ def _decode(example: Dict[str, object], stats: dict, where: str) -> Tuple[np.nda
     return arrays[0], arrays[1]
 
 
-def raw_examples(data_dir: PathLike, split: str, *, check_crc: bool = True) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def raw_examples(data_dir: PathLike, split: str, *, check_crc: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Like :func:`examples` but in storage form: (uint8 ``[L, 4]``, float16 ``[896, n]``), read-only."""
     stats = read_statistics(data_dir)
     for path in tfrecord_files(data_dir, split):
@@ -373,7 +373,7 @@ def raw_examples(data_dir: PathLike, split: str, *, check_crc: bool = True) -> I
             yield _decode(example, stats, where)
 
 
-def examples(data_dir: PathLike, split: str, *, check_crc: bool = True) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def examples(data_dir: PathLike, split: str, *, check_crc: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (sequence float32 ``[seq_length, 4]``, target float32 ``[target_length, num_targets]``)
     for every record of ``split`` in file order."""
     for seq, tgt in raw_examples(data_dir, split, check_crc=check_crc):
@@ -430,8 +430,8 @@ def batches(
     tfrecord_files(data_dir, split)
     while True:
         items = raw_examples(data_dir, split, check_crc=check_crc)
-        seqs: List[np.ndarray] = []
-        tgts: List[np.ndarray] = []
+        seqs: list[np.ndarray] = []
+        tgts: list[np.ndarray] = []
         emitted = 0
         for seq, tgt in _shuffled(items, shuffle_buffer, rng):
             seqs.append(seq)

@@ -79,8 +79,8 @@ def _devices(text: str | None) -> tuple[str, ...]:
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
-    from .shards import parse_shard
     from .errors import InputError
+    from .shards import parse_shard
     if text is None:
         return None
     try:
@@ -400,10 +400,12 @@ def _new_heads(values) -> list[tuple[str, int]]:
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5_000, show_default=True,
               help="Linear warm-up steps to --lr.")
-@click.option("--clip-grad-norm", type=float, help="Clip the global gradient norm to this value (default: no clipping).")
+@click.option("--clip-grad-norm", type=float,
+              help="Clip the global gradient norm to this value (default: no clipping).")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast of the forward pass (CUDA only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, dropout and shuffling.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences per step and head.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences per step and head.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=64, show_default=True,
               help="Examples held for shuffling (a human example takes ~10 MB).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
@@ -433,12 +435,14 @@ def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warm
               help="A Basenji2 data directory.")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="valid", show_default=True)
 @click.option("--head", default="human", show_default=True, help="Output head the data's tracks belong to.")
-@click.option("--tracks", metavar="SPEC", help="Tracks to evaluate (indices/ranges or a regular expression). Default: all.")
+@click.option("--tracks", metavar="SPEC",
+              help="Tracks to evaluate (indices/ranges or a regular expression). Default: all.")
 @click.option("--targets", "targets_path", type=click.Path(dir_okay=False, exists=True),
               help="Track table naming the head's tracks (default: the released table when the head matches it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-batches", type=click.IntRange(min=1), help="Stop after this many batches.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Per-track table (TSV: index identifier description r).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False),
+              help="Per-track table (TSV: index identifier description r).")
 @DEVICE_OPTION
 def evaluate(model, data_dir, split, head, tracks, targets_path, batch_size, max_batches, out, device):
     """Pearson r of predictions and targets per track over all bins of a split, averaged over tracks."""

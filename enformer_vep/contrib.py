@@ -7,7 +7,7 @@ channels: the gradient at the base present (0 for N, whose one-hot row is all ze
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -18,6 +18,7 @@ from .errors import InputError
 from .genome import Genome
 from .model import SEQUENCE_LENGTH, Enformer
 from .regions import Region, model_input
+from .scoring import precision_mode
 from .targets import require_head
 from .windows import one_hot
 
@@ -33,7 +34,7 @@ def contributions(model: Enformer, genome: Genome, region: Region, *, head: str 
     ``positions`` are the 0-based genome coordinates of the central 196,608 bp of the window centred
     on ``region`` (the bases the model reads); ``objective`` is the mean of ``head``'s predictions
     over columns ``tracks`` and output ``bins`` (default :data:`DEFAULT_BINS`). ``model``: eval
-    mode, float32, on ``device``.
+    mode, float32, on ``device``; computed in float32 (TF32 off on CUDA).
     """
     if model.training:
         raise RuntimeError("contributions() needs eval mode: call model.eval() first")
@@ -47,7 +48,8 @@ def contributions(model: Enformer, genome: Genome, region: Region, *, head: str 
         raise InputError(f"contribution bins must be a non-empty selection of 0..{n_bins - 1}")
     start, codes = model_input(genome, region)
     x = torch.from_numpy(one_hot(codes))[None].to(device).requires_grad_(True)
-    with torch.enable_grad():  # also when called under torch.no_grad()
+    # also under torch.no_grad(); float32 throughout (cuDNN would take TF32 on CUDA by default)
+    with torch.enable_grad(), precision_mode("fp32", torch.device(device)):
         predictions = model.head_tracks(model.trunk(x), head, torch.from_numpy(tracks).to(device))
         objective = predictions[0, torch.from_numpy(bins).to(device)].mean()
         (gradient,) = torch.autograd.grad(objective, x)
@@ -83,7 +85,7 @@ def write_contrib(prefix: str | os.PathLike, region: Region, positions: np.ndarr
         chrom = region.chrom
         # '%.9g' round-trips float32 exactly
         f.writelines(f"{chrom}\t{p}\t{p + 1}\t{v:.9g}\n"
-                     for p, v in zip(positions[kept].tolist(), scores[kept].tolist()))
+                     for p, v in zip(positions[kept].tolist(), scores[kept].tolist(), strict=True))
     with atomic_path(h5) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(chrom=region.chrom, region_start=region.start, region_end=region.end,

@@ -224,7 +224,8 @@ def _one_line(reason: object) -> str:
 def _savedmodel_members(archive: Path, members: list[tarfile.TarInfo]) -> list[tuple[tarfile.TarInfo, tuple]]:
     """Check that every member is safe, then pick the SavedModel files with their paths relative to its root."""
     parts = [_member_parts(archive, m) for m in members]
-    roots = {p[:-2] for m, p in zip(members, parts) if m.isreg() and p[-2:] == ("variables", "variables.index")}
+    roots = {p[:-2] for m, p in zip(members, parts, strict=True)
+             if m.isreg() and p[-2:] == ("variables", "variables.index")}
     if not roots:
         raise WeightsError(f"{archive} holds no TensorFlow SavedModel (no variables/variables.index member)")
     if len(roots) > 1:
@@ -233,7 +234,7 @@ def _savedmodel_members(archive: Path, members: list[tarfile.TarInfo]) -> list[t
     (root,) = roots
     n = len(root)
     return [
-        (m, p[n:]) for m, p in zip(members, parts)
+        (m, p[n:]) for m, p in zip(members, parts, strict=True)
         if m.isreg() and p[:n] == root and (p[n:] == ("saved_model.pb",) or (len(p) > n + 1 and p[n] == "variables"))
     ]
 

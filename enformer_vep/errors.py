@@ -1,7 +1,7 @@
 """Exceptions whose message is shown to the user as a one-line error, and the wording they share."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class EnformerVepError(Exception):

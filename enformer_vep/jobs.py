@@ -1,5 +1,5 @@
-"""The commands around scoring (``predict``, ``contrib``, ``plot``, ``train``, ``evaluate``) as functions: open the FASTA,
-load the model, choose the tracks, call the library, write the files."""
+"""The commands around scoring (``predict``, ``contrib``, ``plot``, ``train``, ``evaluate``) as functions:
+open the FASTA, load the model, choose the tracks, call the library, write the files."""
 from __future__ import annotations
 
 import dataclasses
@@ -136,13 +136,15 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
         strongest = np.argsort(-np.abs(row["stats"]["SAD"]), kind="stable")[:top]
         tracks = np.array([column[row["target_ids"][i]] for i in strongest])
     else:
-        raise InputError("choose the tracks with --tracks (or give --scores to plot the variant's strongest SAD tracks)")
+        raise InputError("choose the tracks with --tracks (or give --scores to plot the variant's strongest SAD "
+                         "tracks)")
     if len(tracks) > MAX_PLOT_TRACKS:
         raise InputError(f"--tracks chose {len(tracks)} tracks; a plot shows at most {MAX_PLOT_TRACKS}")
     windows = np.stack(allele_windows(genome, fasta_chrom, pos, ref, alt))
     with torch.inference_mode():
         x = torch.from_numpy(one_hot(windows)).to(device)
-        predictions = model.predict_tracks(x, choice.organism, torch.from_numpy(tracks).to(device)).float().cpu().numpy()
+        columns = torch.from_numpy(tracks).to(device)
+        predictions = model.predict_tracks(x, choice.organism, columns).float().cpu().numpy()
     labels = [targets.labels[i] for i in tracks]
     figure = plot_variant(predictions[0], predictions[1], bin_starts(pos), labels, chrom=chrom, pos=pos, ref_allele=ref,
                           alt_allele=alt, variant_id=name)

@@ -3,8 +3,8 @@ one run would have written (same rows in VCF order, same bytes; percentiles from
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 
@@ -50,9 +50,30 @@ class _Shard:
 
 def merge_runs(shard_dirs: Sequence[str], out_dir: str, *, overwrite: bool = False,
                vcf_out: str | None = None) -> dict:
-    """Check that ``shard_dirs`` are the complete, verified shards of one run, then write the merged
-    files into ``out_dir`` (resumable: rerunning rebuilds what is unfinished); with ``vcf_out``, also
-    the run's VCF annotated from them (see :mod:`.vcf_out`). Returns ``done.json``."""
+    """Merge the output directories of ``--shard K/N`` runs into the files one run would write.
+
+    Parameters
+    ----------
+    shard_dirs : sequence of str
+        Every shard 1..N of one run (same VCF, FASTA, model and options), each once and finished.
+    out_dir : str
+        Output directory; rerunning after an interruption rebuilds what is unfinished.
+    overwrite : bool
+        Replace a different earlier result in ``out_dir``.
+    vcf_out : str, optional
+        Also write the run's VCF annotated with the merged scores (bgzip + tabix; docs/spec.md §6.5).
+
+    Returns
+    -------
+    dict
+        The merged run's completion record (``done.json``): files with rows and SHA-256, summary.
+
+    Raises
+    ------
+    InputError
+        A directory that is not a shard, unfinished or altered (checksum), shards of different runs,
+        a missing or repeated K, or a different N.
+    """
     done = _merge(shard_dirs, out_dir, overwrite)
     if vcf_out:
         fingerprint = json.loads((Path(out_dir) / "run.json").read_text())

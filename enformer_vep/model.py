@@ -1,6 +1,6 @@
 """Enformer (Avsec et al. 2021) in PyTorch, numerically faithful to DeepMind's Sonnet code.
 
-Architecture, layouts and traps are in SPEC §1. Tensors follow the official axis order
+Architecture and traps: docs/spec.md §1 and §9. Tensors follow the official axis order
 ``[batch, length, channels]`` at the interfaces; the convolutional stages work on
 ``[batch, channels, length]`` internally because that is what ``nn.Conv1d`` wants.
 """
@@ -30,7 +30,27 @@ def exponential_linspace_int(start: int, end: int, num: int, divisible_by: int =
 
 @dataclasses.dataclass
 class EnformerConfig:
-    """Hyper-parameters; the defaults are the released model. Unset fields are derived."""
+    """Hyper-parameters; the defaults are the released model, unset fields are derived.
+
+    Attributes
+    ----------
+    channels : int
+        Transformer width C (1536); the stem has C/2, the conv tower ends with C.
+    num_heads, key_size, value_size : int
+        Attention heads (8), key size (64), value size (C / heads).
+    num_transformer_layers : int
+        11 in the released model.
+    pooling_type : str
+        ``attention`` (softmax pooling, the released model) or ``max``.
+    heads : dict of str to int
+        Output heads and their tracks (``{"human": 5313, "mouse": 1643}``).
+    num_relative_position_features : int
+        Relative-position features (C / heads; divisible by 6).
+    conv_filters : list of int
+        The conv tower's six filter counts (derived from C as the official code does).
+    target_length : int
+        Output bins kept after the crop (896).
+    """
 
     channels: int = 1536
     num_heads: int = 8
@@ -63,7 +83,7 @@ class EnformerConfig:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """The official sigmoid approximation; torch's exact or tanh GELU differ (SPEC §7.2)."""
+    """The official sigmoid approximation; torch's exact or tanh GELU differ (docs/spec.md §1.2, §9.2)."""
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -121,7 +141,7 @@ class DownsampleBlock(nn.Module):
         return self.pool(x + self.pointwise(x))
 
 
-# --- relative positional features (SPEC §1) -------------------------------------------------
+# --- relative positional features (docs/spec.md §1.3) -------------------------------------------------
 
 def _official_gamma_tables() -> dict[str, np.ndarray]:
     """The official float32 gamma basis, ``gamma_n{basis}_T{T}``: ``[T, basis]`` for |d| = 0..T-1."""
@@ -130,7 +150,7 @@ def _official_gamma_tables() -> dict[str, np.ndarray]:
             return dict(tables)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gamma_table(num_basis: int, seq_len: int) -> np.ndarray | None:
     return _official_gamma_tables().get(f"gamma_n{num_basis}_T{seq_len}")
 
@@ -211,7 +231,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        # the biases are added after the scaling and are not scaled themselves (SPEC §7.5)
+        # the biases are added after the scaling and are not scaled themselves (docs/spec.md §1.4, §9.5)
         q = self._split_heads(self.to_q(x)) * self.key_size**-0.5
         k = self._split_heads(self.to_k(x))
         v = self._split_heads(self.to_v(x))
@@ -246,10 +266,23 @@ class TransformerBlock(nn.Module):
 
 
 class Enformer(nn.Module):
-    """Enformer. ``forward(x [B, L, 4]) -> {head: [B, target_length, n_tracks]}``.
+    """Enformer (Avsec et al. 2021), numerically faithful to DeepMind's Sonnet code (docs/spec.md §1).
 
-    L may be 393,216 (the TF-Hub contract: the central 196,608 bp are used), 196,608 or
-    131,072, or any multiple of 128 that leaves at least ``target_length`` bins.
+    Parameters
+    ----------
+    config : EnformerConfig, optional
+        Hyper-parameters; default the released model (251,221,292 trainable parameters).
+    **overrides
+        ``EnformerConfig`` fields, when ``config`` is not given.
+
+    Notes
+    -----
+    ``forward(x)`` takes a one-hot batch ``x: [B, L, 4]`` float (A, C, G, T; N all zeros) and
+    returns ``{head: [B, target_length, tracks]}`` (softplus; 896 bins of 128 bp for the released
+    model). L may be 393,216 (the TF-Hub contract: the central 196,608 bp are used), 196,608,
+    131,072, or any multiple of 128 that leaves at least ``target_length`` bins; another length
+    raises ``ValueError``. ``predict`` is ``forward`` in inference mode; ``trunk``,
+    ``predict_tracks``, ``convolve``, ``attend`` and ``embed`` expose its stages.
     """
 
     def __init__(self, config: EnformerConfig | None = None, **overrides):
@@ -261,7 +294,7 @@ class Enformer(nn.Module):
         tower_in = [half] + cfg.conv_filters[:-1]
         self.conv_tower = nn.ModuleList(
             DownsampleBlock(ConvBlock(c_in, c_out, 5), c_out, cfg.pooling_type)
-            for c_in, c_out in zip(tower_in, cfg.conv_filters))
+            for c_in, c_out in zip(tower_in, cfg.conv_filters, strict=True))
         if cfg.conv_filters[-1] != cfg.channels:
             raise ValueError(f"the conv tower ends with {cfg.conv_filters[-1]} channels, "
                              f"the transformer needs {cfg.channels}")
@@ -339,9 +372,10 @@ class Enformer(nn.Module):
                 edge.append(i)
         for width, rows in by_width.items():
             starts = [spans[i][0] - margin for i in rows]
-            patches = torch.stack([x[i, s * BIN_SIZE:(s + width) * BIN_SIZE] for i, s in zip(rows, starts)])
+            patches = torch.stack([x[i, s * BIN_SIZE:(s + width) * BIN_SIZE]
+                                   for i, s in zip(rows, starts, strict=True)])
             recomputed = self._conv_stages(patches)[:, margin:width - margin]
-            for row, (i, s) in enumerate(zip(rows, starts)):
+            for row, (i, s) in enumerate(zip(rows, starts, strict=True)):
                 out[i, s + margin:s + width - margin] = recomputed[row]
         if edge:  # a patch would cross the input's ends, where padding differs: recompute in full
             out[edge] = self._conv_stages(x[edge])

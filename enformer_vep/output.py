@@ -1,4 +1,4 @@
-"""Per-chromosome HDF5 files in the Basenji layout (docs/spec.md §6), ``skipped.tsv``, and
+"""Per-chromosome HDF5 files in the Basenji layout (docs/spec.md §6.1), ``skipped.tsv``, and
 finding a variant in a finished run.
 
 Files are written in fixed row blocks, whatever their sources' sizes, so the same rows give
@@ -7,8 +7,8 @@ rows and publishes these files is :mod:`enformer_vep.rundir`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -85,8 +85,9 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
         datasets = {field: f.create_dataset(field, (n,), dtype=np.uint32 if field == "pos" else f"S{widths[field]}",
                                             track_times=False) for field in ROW_FIELDS}
         for name in stats:
-            datasets[name] = f.create_dataset(name, (n, n_tracks), dtype=np.float16, chunks=(min(n, ROW_CHUNK), n_tracks),
-                                              compression="gzip", compression_opts=4, shuffle=True, track_times=False)
+            datasets[name] = f.create_dataset(name, (n, n_tracks), dtype=np.float16,
+                                              chunks=(min(n, ROW_CHUNK), n_tracks), compression="gzip",
+                                              compression_opts=4, shuffle=True, track_times=False)
             datasets[name].attrs["formula"] = STATISTICS[name]
             datasets[name].attrs["clipped"] = sum(s.clipped[name] for s in sources if s.size)
         writer = _RowWriter(datasets)

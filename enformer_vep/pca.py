@@ -13,8 +13,8 @@ import dataclasses
 import mmap
 import os
 import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -63,7 +63,7 @@ class PcaTransform:
     def check_tracks(self, target_ids: Sequence[str], source: str | Path) -> None:
         """Refuse scores of other tracks than those the transform was fitted on."""
         if list(target_ids) != self.target_ids:
-            differ = next((i for i, (a, b) in enumerate(zip(target_ids, self.target_ids)) if a != b),
+            differ = next((i for i, (a, b) in enumerate(zip(target_ids, self.target_ids, strict=False)) if a != b),
                           min(len(target_ids), len(self.target_ids)))
             raise InputError(f"{source} scores other tracks than the PCA transform was fitted on "
                              f"({len(target_ids)} vs {len(self.target_ids)} tracks, "
@@ -172,7 +172,7 @@ def fit_pca(h5_paths: Iterable[str | Path], components: int = 20, stat: str = "S
                          f"(variants - 1 = {rows - 1}, tracks = {tracks}), not {components}")
     keep = None if rows == total else np.arange(rows, dtype=np.int64) * total // rows
     shift, sums, gram, offset = None, np.zeros(tracks), np.zeros((tracks, tracks)), 0
-    for path, size in zip(paths, sizes):
+    for path, size in zip(paths, sizes, strict=True):
         for start, block, _ in _row_blocks(path, stat, _block_rows(tracks)):
             if keep is not None:
                 lo, hi = np.searchsorted(keep, [offset + start, offset + start + len(block)])
@@ -229,7 +229,7 @@ def write_pc_tables(scores: str | Path | Iterable[str | Path], transform: PcaTra
     if len(set(names)) < len(names):
         raise InputError("two score files have the same name: their tables would overwrite each other")
     out = _output_directory(out_dir)
-    return [_write_table(path, transform, out / name) for path, name in zip(paths, names)]
+    return [_write_table(path, transform, out / name) for path, name in zip(paths, names, strict=True)]
 
 
 def _write_table(path: Path, transform: PcaTransform, dest: Path) -> Path:
@@ -248,7 +248,7 @@ def _write_table(path: Path, transform: PcaTransform, dest: Path) -> Path:
                 pos = rows["pos"].astype(np.int64)
                 coords = transform.apply(block).tolist()
                 lines = [to_bytes(line % (c, p, i, r, a, *values))
-                         for c, p, i, r, a, values in zip(text[0], pos.tolist(), *text[1:], coords)]
+                         for c, p, i, r, a, values in zip(text[0], pos.tolist(), *text[1:], coords, strict=True)]
                 # tabix wants each contig's lines together: contigs keep their order of first appearance
                 codes = np.array([contigs.setdefault(c, len(contigs)) for c in text[0]], dtype=np.int64)
                 keys.append(codes << 32 | pos)

@@ -37,7 +37,8 @@ log = logging.getLogger("enformer_vep")
 
 @dataclasses.dataclass
 class ScoreOptions:
-    """Everything ``enformer-score VCF`` takes (see the CLI's --help for each option)."""
+    """Everything ``enformer-score VCF`` takes, one field per option (``enformer-score score --help``
+    and README describe each; ``None`` means the option's default)."""
 
     vcf: str
     fasta: str
@@ -90,7 +91,7 @@ class Summary:
     contig_lengths: list = dataclasses.field(default_factory=list)  # variants.contig_length_differences
 
     @classmethod
-    def from_done(cls, done: dict, out: Path, seconds: float) -> "Summary":
+    def from_done(cls, done: dict, out: Path, seconds: float) -> Summary:
         """The summary a completion record (``done.json``) holds."""
         counts = done["summary"]
         files = {entry["chrom"]: out / name for name, entry in done["files"].items() if "chrom" in entry}
@@ -161,8 +162,29 @@ def resolve_devices(devices: tuple[str, ...]) -> list[str]:
 
 
 def score_vcf(options: ScoreOptions, model=None) -> Summary:
-    """Score every ALT allele of ``options.vcf`` (or of its shard); ``model`` overrides
-    ``options.model`` (tests, benchmarks; one device only)."""
+    """Score every ALT allele of ``options.vcf`` (or of its shard): the ``enformer-score`` job.
+
+    Parameters
+    ----------
+    options : ScoreOptions
+        The command's options (VCF, FASTA, output directory, statistics, tracks, devices...).
+    model : optional
+        An in-memory model overriding ``options.model`` (tests, benchmarks; one device only): an
+        :class:`Enformer` or anything with ``predict_tracks(x [B, L, 4], head, tracks) -> [B, 896, T]``.
+
+    Returns
+    -------
+    Summary
+        ``scored`` alleles, ``skipped`` per reason, clipped values per statistic, ``seconds``, the
+        written ``files`` ``{chrom: path}`` and ``contig_lengths`` differences; ``lines()`` words it.
+
+    Raises
+    ------
+    InputError
+        Unreadable or malformed VCF/BCF, stale index, unknown region contig, no contig shared with
+        the FASTA, REF mismatch with ``ref_mismatch="error"``, other settings in ``out_dir``, or
+        nothing scored. ``OSError`` for a full disk (rerun to resume).
+    """
     started = time.monotonic()
     genome = Genome(options.fasta)
     devices = resolve_devices(options.devices) if options.devices else [default_device(options.device)]
@@ -359,7 +381,7 @@ def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
                 for w, process in enumerate(processes):
                     if w not in outcomes and not process.is_alive() and results.empty():
                         raise EnformerVepError(f"the worker on {devices[w]} died (exit code {process.exitcode}); "
-                                               "rerun the same command to resume")
+                                               "rerun the same command to resume") from None
     finally:
         for process in processes:
             if process.is_alive():

@@ -1,11 +1,12 @@
 """Track predictions for genomic regions, written as HDF5 or bigWig files."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -17,6 +18,7 @@ from .genome import Genome
 from .model import BIN_SIZE, TARGET_LENGTH, Enformer
 from .output import byte_strings
 from .regions import BINS_SPAN, Region, model_input, window_for
+from .scoring import precision_mode
 from .targets import Targets, require_head
 from .windows import one_hot
 
@@ -33,8 +35,8 @@ def predict_regions(model: Enformer, genome: Genome, regions: Iterable[Region], 
 
     ``model`` must be in eval mode on ``device``; ``tracks`` are column indices of ``head`` (None:
     all). Regions run ``batch_size`` at a time through :meth:`Enformer.predict_tracks` (inference
-    mode). A region longer than the 114,688 bp the bins cover is predicted around its centre, with
-    a warning.
+    mode, float32: TF32 off on CUDA). A region longer than the 114,688 bp the bins cover is
+    predicted around its centre, with a warning.
     """
     require_head(head, model.heads)
     n_tracks = model.heads[head].out_features
@@ -59,8 +61,9 @@ def predict_regions(model: Enformer, genome: Genome, regions: Iterable[Region], 
 def _predict_batch(model, genome, regions, head, columns, device) -> Iterator[Result]:
     codes = np.stack([model_input(genome, region)[1] for region in regions])
     x = torch.from_numpy(one_hot(codes)).to(device)
-    predictions = model.predict_tracks(x, head, columns).float().cpu().numpy()
-    for region, values in zip(regions, predictions):
+    with precision_mode("fp32", torch.device(device)):  # cuDNN would take TF32 on CUDA by default
+        predictions = model.predict_tracks(x, head, columns).float().cpu().numpy()
+    for region, values in zip(regions, predictions, strict=True):
         yield region, window_for(region)[1], values
 
 
@@ -137,7 +140,7 @@ def write_bigwigs(directory: str | os.PathLike, results: Iterable[Result], targe
             entries.append((region, np.maximum(starts[keep], 0), np.minimum(starts[keep] + BIN_SIZE, size),
                             values[keep]))
     entries.sort(key=lambda e: (order[e[0].chrom], int(e[1][0])))
-    for (a, _, a_ends, _), (b, b_starts, _, _) in zip(entries, entries[1:]):
+    for (a, _, a_ends, _), (b, b_starts, _, _) in itertools.pairwise(entries):
         if a.chrom == b.chrom and b_starts[0] < a_ends[-1]:
             raise InputError(f"regions {a.name} and {b.name} have overlapping output bins (each region's "
                              f"896 bins span {BINS_SPAN:,} bp around its centre), so they cannot share a "
@@ -145,7 +148,7 @@ def write_bigwigs(directory: str | os.PathLike, results: Iterable[Result], targe
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for t, (column, identifier) in enumerate(zip(columns, targets.ids)):
+    for t, (column, identifier) in enumerate(zip(columns, targets.ids, strict=True)):
         path = directory / bigwig_name(column, identifier)
         with atomic_path(path) as tmp:
             bw = pyBigWig.open(str(tmp), "w")

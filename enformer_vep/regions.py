@@ -6,8 +6,8 @@ uses its central 196,608 bp and predicts 896 bins of 128 bp covering the central
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -94,7 +94,8 @@ def _read_bed(path: str, fasta_contigs: Mapping[str, int]) -> list[Region]:
             try:
                 start, end = int(fields[1]), int(fields[2])
             except ValueError:
-                raise InputError(f"{where}: START and END must be integers, got {fields[1]!r} and {fields[2]!r}") from None
+                raise InputError(f"{where}: START and END must be integers, got {fields[1]!r} and "
+                                 f"{fields[2]!r}") from None
             if start < 0 or end <= start:
                 raise InputError(f"{where}: need 0 <= START < END (0-based, half-open), got {start} and {end}")
             contig = _contig(fields[0], fasta_contigs, where)

@@ -20,8 +20,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -243,6 +243,6 @@ class ChunkSource:
         """(record, skipped.tsv line) of the chunks, in their order."""
         for path in paths:
             with np.load(path) as chunk:
-                yield from zip(chunk["skipped_record"].tolist(), (from_bytes(s) for s in chunk["skipped"]))
+                yield from zip(chunk["skipped_record"].tolist(), (from_bytes(s) for s in chunk["skipped"]), strict=True)
 
 

@@ -1,4 +1,4 @@
-"""Batched reference/alternative inference and the variant-effect statistics (SPEC §5).
+"""Batched reference/alternative inference and the variant-effect statistics (docs/spec.md §4, §5).
 
 A scorer model is anything with ``predict_tracks(x [B, L, 4], head, tracks) -> [B, bins, T]``
 (:class:`enformer_vep.model.Enformer` has it); tests use tiny hand-derivable models.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -123,17 +123,43 @@ def precision_mode(precision: str, device: torch.device):
 
 
 class VariantScorer:
-    """Scores batches of (reference, alternative) windows.
+    """Scores batches of (reference, alternative) windows: :meth:`score`.
 
-    Predictions are averaged over ``shifts`` and, with ``rc``, over the reverse complement
-    (its bins flipped back) before the statistics are taken. ``batch_size`` is the number of
-    sequences per forward pass; ``None`` (auto) starts at 32 on CUDA and halves after each
-    out-of-memory error until a batch fits (4 on CPU). With ``reuse`` (and a model that
-    supports it) an alternative that differs from its reference in a short stretch reuses the
-    reference's conv tower. ``precision`` (one of ``PRECISIONS``) applies to the trunk: one
-    name for both stages, or ``CONV/TRANSFORMER``; the transformer's residual stream, the output
-    heads and the statistics are always float32. With ``compile`` the full-window conv tower and
-    the transformer run through ``torch.compile`` (compiled on first use, per batch shape).
+    Parameters
+    ----------
+    model
+        An :class:`~enformer_vep.model.Enformer` (eval mode), or any model with
+        ``predict_tracks(x [B, L, 4], head, tracks) -> [B, 896, T]``.
+    head : str
+        Output head (``human``: 5,313 tracks, ``mouse``: 1,643 for the released model).
+    tracks : numpy.ndarray, optional
+        Head columns to compute (int ``[T]``); all when None.
+    stats : sequence of str
+        Statistics from ``STATISTICS`` (docs/spec.md §4).
+    rc : bool
+        Also predict the reverse complement (its bins flipped back) and average.
+    shifts : sequence of int
+        Window shifts in bp whose predictions are averaged (docs/spec.md §5.1).
+    device : str or torch.device
+    batch_size : int, optional
+        Sequences per forward pass; None (auto) starts at 32 on CUDA and halves after each
+        out-of-memory error until a batch fits (4 on CPU).
+    reuse : bool
+        An alternative differing from its reference in a short stretch (SNV, MNP) reuses the
+        reference's conv tower and recomputes only the bins the change reaches, for both alleles
+        (docs/spec.md §5.4).
+    precision : str, optional
+        One of ``PRECISIONS``: one name for both trunk stages, or ``CONV/TRANSFORMER``; default
+        ``fp32`` on CPU, ``bf16/tf32`` on CUDA. The transformer's residual stream, the heads and
+        the statistics are always float32.
+    compile : bool
+        Run the full-window conv tower and the transformer through ``torch.compile`` (compiled on
+        first use, per batch shape).
+
+    Raises
+    ------
+    ValueError
+        An unknown precision.
     """
 
     def __init__(self, model, *, head: str = "human", tracks: np.ndarray | None = None,
@@ -172,7 +198,7 @@ class VariantScorer:
 
     def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``."""
-        views = list(zip(self._views(ref), self._views(alt)))
+        views = list(zip(self._views(ref), self._views(alt), strict=True))
         group = max(1, self.batch_size // 2)  # a group's reference and alternative share a pass
         total_ref = total_alt = None
         for (ref_view, reverse), (alt_view, _) in views:
@@ -207,9 +233,10 @@ class VariantScorer:
         with precision_mode(self.transformer_precision, self.device):
             with stage("transformer"):
                 conv = self._attend(conv.float())
-            with stage("final block + heads"):
+            with stage("final block"):
                 embedding = model.embed(conv)
-                both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
+        with stage("heads"):  # float32, whatever the trunk's precision
+            both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
         return both[:n], both[n:]
 
     def _reuse_reference_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,19 +258,34 @@ class VariantScorer:
         length = differs.shape[1]
         first = differs.float().argmax(dim=1).tolist()
         last = (length - 1 - differs.flip(1).float().argmax(dim=1)).tolist()
-        changed = [None if not any_ else (f, l) for any_, f, l in zip(differs.any(dim=1).tolist(), first, last)]
+        changed = [(lo, hi) if any_ else None
+                   for any_, lo, hi in zip(differs.any(dim=1).tolist(), first, last, strict=True)]
         short = [c if c is None or c[1] - c[0] < MAX_REUSED_SPAN else None for c in changed]
         with precision_mode(self.transformer_precision, self.device), stage("conv tower patches"):
             conv = model.convolve_changed(torch.cat([context, context]), x, short + short)
-        long = [n + i for i, (c, s) in enumerate(zip(changed, short)) if c is not None and s is None]
+        long = [n + i for i, (c, s) in enumerate(zip(changed, short, strict=True)) if c is not None and s is None]
         if long:
             with precision_mode(self.conv_precision, self.device), stage("conv tower"):
                 conv[long] = self._convolve(x[long]).float()
         return conv
 
     def score(self, ref: np.ndarray, alt: np.ndarray) -> dict[str, np.ndarray]:
-        """Statistics ``{name: [B, T] float32}`` for windows ``ref, alt: [B, L]`` uint8.
+        """Per-track statistics of variants from their reference and alternative windows.
 
+        Parameters
+        ----------
+        ref, alt : numpy.ndarray
+            ``[B, L]`` uint8 ASCII codes (A, C, G, T; anything else, e.g. N, encodes as zeros), L =
+            393,216 (only the central 196,608 bp are used) or the model's input length.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``{statistic: [B, T] float32}`` for the statistics asked (formulas: ``STATISTICS``,
+            docs/spec.md §4), T = the chosen tracks.
+
+        Notes
+        -----
         A CUDA out-of-memory error halves the batch size and retries instead of failing.
         """
         while True:

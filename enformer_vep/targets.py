@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -23,13 +23,13 @@ class Targets:
     def __len__(self):
         return len(self.ids)
 
-    def subset(self, indices: np.ndarray) -> "Targets":
+    def subset(self, indices: np.ndarray) -> Targets:
         return Targets([self.ids[i] for i in indices], [self.labels[i] for i in indices])
 
 
 def read_targets(path: str | Path) -> Targets:
     """A tab-separated table with ``identifier`` and ``description`` columns; rows align with the
-    head's columns by order (the mouse table's ``index`` column starts at 5313: SPEC §5)."""
+    head's columns by order (the mouse table's ``index`` column starts at 5313: docs/spec.md §5.6)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows or not {"identifier", "description"} <= set(rows[0]):
@@ -91,7 +91,8 @@ def select_tracks(spec: str | None, targets: Targets) -> np.ndarray:
     try:
         pattern = re.compile(spec)
     except re.error as error:
-        raise InputError(f"--tracks {spec!r} is neither an index list nor a valid regular expression: {error}") from None
+        raise InputError(f"--tracks {spec!r} is neither an index list nor a valid regular expression: "
+                         f"{error}") from None
     chosen = [i for i, label in enumerate(targets.labels) if pattern.search(label)]
     if not chosen:
         raise InputError(f"--tracks {spec!r} matches no track description")

@@ -1,4 +1,4 @@
-"""Training, evaluation and fine-tuning (SPEC §6: the released training notebook).
+"""Training, evaluation and fine-tuning (docs/spec.md §8: the released training notebook).
 
 * :func:`poisson_loss` -- ``mean(pred - target * log(pred + 1e-7))`` (Keras' ``poisson``).
 * :func:`train` -- Adam with a linear warm-up, one step per head per global step (human, then
@@ -23,8 +23,9 @@ import itertools
 import logging
 import math
 import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -413,7 +414,7 @@ class EvalResult:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(["index", "identifier", "description", "r"])
-            for index, r in zip(self.tracks, self.r):
+            for index, r in zip(self.tracks, self.r, strict=True):
                 ident = targets.ids[index] if targets is not None else ""
                 label = targets.labels[index] if targets is not None else ""
                 writer.writerow([int(index), ident, label, "nan" if math.isnan(r) else f"{r:.6f}"])

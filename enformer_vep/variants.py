@@ -14,8 +14,8 @@ import os
 import re
 import warnings
 import zlib
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Collection, Iterable, Iterator, Sequence
 
 import cyvcf2.cyvcf2
 from cyvcf2 import VCF
@@ -117,14 +117,32 @@ def read_variants(path, fasta_contigs: Collection[str], *, regions: Sequence[str
                   chroms: Sequence[str] = (), pass_only: bool = False) -> Iterator[Allele | Skip]:
     """Stream the alleles of a VCF/VCF.gz/BCF as :class:`Allele` and :class:`Skip` rows.
 
-    ``fasta_contigs`` are the reference's contig names; VCF contigs resolve to them with
-    :func:`resolve_contig`. ``regions`` (see :func:`parse_region`) and ``chroms`` (whole
-    contigs), named with the VCF's or the FASTA's convention, select records whose POS
-    lies in them, through the index; overlaps are merged and the output is in VCF order.
-    ``pass_only`` skips records whose FILTER is neither PASS nor '.'.
+    Parameters
+    ----------
+    path : str or PathLike
+        The VCF, VCF.gz (bgzip) or BCF.
+    fasta_contigs : collection of str
+        The reference's contig names; VCF contigs resolve to them with :func:`resolve_contig`.
+    regions : sequence of str
+        ``CHR:START-END`` (see :func:`parse_region`), through the ``.tbi``/``.csi`` index (checked
+        against the file first); overlaps are merged, records come in VCF order, each once.
+    chroms : sequence of str
+        Whole contigs, likewise. Both accept the VCF's or the FASTA's naming.
+    pass_only : bool
+        Skip records whose FILTER is neither PASS nor '.'.
 
-    The file, its header and the regions are checked before this returns; a malformed
-    record raises :class:`InputError` when the stream reaches it.
+    Returns
+    -------
+    iterator of Allele or Skip
+        One :class:`Allele` per scorable ALT allele, one :class:`Skip` for every other allele (or
+        ALT-less record), in VCF order; text fields keep their bytes (enformer_vep.text).
+
+    Raises
+    ------
+    InputError
+        Raised before this returns for a missing, unreadable or malformed file or header, a
+        missing or stale index, an unknown region contig, or no VCF contig in the FASTA; raised
+        when the stream reaches it for a malformed or truncated record.
     """
     path = os.fspath(path)
     fasta_names = list(fasta_contigs)

@@ -163,7 +163,7 @@ def _parse(data: bytes, header_contigs: list[str]) -> VcfIndex:
             if bin_number == pseudo and n_chunk == 2:
                 mapped = offsets[2]  # chunks (ref_beg, ref_end), (n_mapped, n_unmapped)
             else:
-                bins[bin_number] = tuple(zip(offsets[0::2], offsets[1::2]))
+                bins[bin_number] = tuple(zip(offsets[0::2], offsets[1::2], strict=True))
         if magic == b"TBI\1":
             reader.skip(8 * reader.count())  # linear index
         contigs.append(IndexedContig(names[tid], bins, mapped))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -44,7 +44,7 @@ def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list]]:
             sad = f["SAD"][start:start + BLOCK_ROWS].astype(np.float32)
             keys = zip(f["pos"][start:start + BLOCK_ROWS].tolist(),
                        (r.decode() for r in f["ref"][start:start + BLOCK_ROWS]),
-                       (a.decode() for a in f["alt"][start:start + BLOCK_ROWS]))
+                       (a.decode() for a in f["alt"][start:start + BLOCK_ROWS]), strict=True)
             best = {name: cols[np.abs(sad[:, cols]).argmax(axis=1)] for name, cols in families.items()}
             for row, key in enumerate(keys):
                 values = []
@@ -108,10 +108,10 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
                         pending[rec.chrom] = next(per_file[rec.chrom], None)
                     else:  # skipped allele: no row; missing values ('.')
                         found = missing
-                    for field, value in zip(values, found):
+                    for field, value in zip(values, found, strict=True):
                         field.append(value)
                 scored = any(v not in (None, ".") for field in values for v in field)
-                for name, field in zip(names, values):  # ours replace any fields of these names
+                for name, field in zip(names, values, strict=True):  # ours replace any fields of these names
                     if scored:
                         rec.info[name] = tuple(field)
                     elif name in rec.info:

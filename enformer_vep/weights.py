@@ -1,6 +1,6 @@
 """Load Enformer weights from every form users hold them in, without TensorFlow.
 
-Sources (SPEC §3), all mapped onto :class:`enformer_vep.model.Enformer`:
+Sources (docs/spec.md §2), all mapped onto :class:`enformer_vep.model.Enformer`:
 
 - our native ``.safetensors`` (configuration in its metadata);
 - the Sonnet checkpoint ``enformer-fine-tuned-human-1`` (a tensor-bundle prefix);
@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ _OFFICIAL_RULES = [
     (r"_trunk/_layers/4/_layers/0/_layers/2/(w|b)", r"final.conv.\1", "conv"),
     (r"_heads/([^/]+)/_layers/0/(w|b)", r"heads.\1.\2", "linear"),
 ]
-# Exponential-moving-average internals: only the debiased `average` is the statistic (SPEC §7.6).
+# Exponential-moving-average internals: only the debiased `average` is the statistic (docs/spec.md §2.3, §9.6).
 _OFFICIAL_IGNORED = re.compile(r".*/moving_(mean|variance)/(_hidden|_counter)")
 _KINDS: dict[str, Transform] = {"conv": _conv, "linear": _linear, "pool": _pool, "same": _same}
 
@@ -216,7 +216,7 @@ def build_model(state: Mapping[str, torch.Tensor]) -> Enformer:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                f"the architecture needs {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -353,7 +353,30 @@ def default_model_source() -> str:
 
 
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu") -> Enformer:
-    """The Enformer in eval mode from any supported source (default: the official TF-Hub model)."""
+    """The Enformer in eval mode from weights in any supported form.
+
+    Parameters
+    ----------
+    source : str or Path, optional
+        Our ``.safetensors``; a TF-Hub SavedModel directory or ``.tar.gz``; a Sonnet checkpoint
+        prefix; an enformer-pytorch directory; or an http(s) URL to one of these (downloaded once
+        into the cache, resumably, converted once). Default: ``$ENFORMER_VEP_MODEL``, else the
+        official TF-Hub Enformer (``DEFAULT_MODEL_URL``).
+    device : str or torch.device
+        Where the model lives.
+
+    Returns
+    -------
+    Enformer
+        In eval mode, architecture read from the tensors (docs/spec.md §2 gives the name mapping).
+
+    Raises
+    ------
+    WeightsError
+        Missing, corrupt (CRC), unsafe (pickle code) or mis-shaped weights.
+    DownloadError
+        A URL that cannot be fetched or fails verification (the message says how to pass a local copy).
+    """
     source = str(source) if source is not None else default_model_source()
     path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
     return build_model(read_state(path)).to(device)

@@ -1,4 +1,4 @@
-"""Variant windows (SPEC §4) and their encodings.
+"""Variant windows (docs/spec.md §3.2-3.4) and their encodings.
 
 A VCF record at 1-based ``POS`` gets the 0-based window ``[POS - 196,608, POS + 196,608)``; REF's first base
 sits at offset :data:`VARIANT_OFFSET`. Sequences are ``uint8`` ASCII codes, upper case, ``N`` outside the
@@ -14,7 +14,7 @@ WINDOW = 393_216
 HALF = WINDOW // 2
 VARIANT_OFFSET = HALF - 1
 
-# ``[256, 4]``: the one-hot row of each byte. Both cases map, so the encoding equals SPEC §2's
+# ``[256, 4]``: the one-hot row of each byte. Both cases map, so the encoding equals docs/spec.md §3.1's
 # "upper-case, then encode" whatever the caller passes.
 ONE_HOT_TABLE = np.zeros((256, 4), dtype=np.float32)
 ONE_HOT_TABLE[np.frombuffer(b"ACGTacgt", dtype=np.uint8), [0, 1, 2, 3, 0, 1, 2, 3]] = 1

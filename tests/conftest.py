@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import lzma
+import os
 import shutil
 from pathlib import Path
 
@@ -37,22 +38,59 @@ def official_outputs() -> dict:
         return dict(outputs)
 
 
+def tiny_enformer(seed: int = 0, channels: int = 24, heads: dict | None = None, target_length: int = 896,
+                  pooling: str = "attention", conv_filters: list | None = None, doubled: bool = True,
+                  random_statistics: bool = False):
+    """A small random Enformer (2 attention heads, 1 transformer layer) in eval mode: the one factory
+    for the tests' tiny models (also the ``tiny_enformer`` fixture).
+
+    ``conv_filters`` default: C/2, C/2, 3C/4, 3C/4, C, C. ``doubled``: weight matrices x2, so that
+    single-base variants move the predictions well above float32 noise. ``random_statistics``: batch
+    norm running statistics and the biases drawn at random instead of torch's 0/1/0, so that every
+    term of the arithmetic takes part (an identity batch norm would hide a mistake in it)."""
+    import torch
+
+    from enformer_vep.model import Enformer, EnformerConfig
+
+    torch.manual_seed(seed)
+    filters = conv_filters or [channels // 2] * 2 + [3 * channels // 4] * 2 + [channels] * 2
+    model = Enformer(EnformerConfig(channels=channels, num_heads=2, num_transformer_layers=1, pooling_type=pooling,
+                                    conv_filters=filters, target_length=target_length,
+                                    heads=heads or {"human": 6}))
+    with torch.no_grad():  # one pass in state-dict order: the draws, hence the weights, depend on the seed only
+        for name, tensor in model.state_dict().items():
+            if random_statistics and name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+            elif random_statistics and (name.endswith("running_mean") or name.endswith(".bias")):
+                tensor.normal_(0, 0.1)
+            elif doubled and name.endswith("weight") and tensor.ndim > 1:
+                tensor.mul_(2.0)
+    return model.eval()
+
+
+@pytest.fixture(name="tiny_enformer", scope="session")
+def tiny_enformer_factory():
+    """:func:`tiny_enformer`, for test modules (which should not import conftest)."""
+    return tiny_enformer
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The device a test runs on: the CPU, then the CUDA device (gpu-marked, so deselected where none
+    is visible). ``ENFORMER_VEP_TEST_DEVICE`` names the CUDA device (default ``cuda``); ``cpu`` runs
+    the gpu-marked tests on the CPU, a dry run of their code before spending GPU time."""
+    import torch
+
+    return torch.device("cpu" if request.param == "cpu" else os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda"))
+
+
 @pytest.fixture(scope="session")
 def fast_model(tmp_path_factory) -> Path:
     """A very small random Enformer (12 channels, max pooling, the released 5313-track human head)
     saved as our .safetensors: cheap enough for end-to-end runs in subprocesses."""
-    import torch
-
-    from enformer_vep.model import Enformer, EnformerConfig
     from enformer_vep.weights import save_native
 
-    torch.manual_seed(5)
-    model = Enformer(EnformerConfig(channels=12, num_heads=2, num_transformer_layers=1, pooling_type="max",
-                                    conv_filters=[6, 6, 6, 6, 8, 12], heads={"human": 5313}))
-    with torch.no_grad():  # larger weights: single-base effects well above float32 noise
-        for name, tensor in model.state_dict().items():
-            if name.endswith("weight") and tensor.ndim > 1:
-                tensor.mul_(2.0)
+    model = tiny_enformer(seed=5, channels=12, pooling="max", conv_filters=[6, 6, 6, 6, 8, 12], heads={"human": 5313})
     path = tmp_path_factory.mktemp("fast_model") / "fast.safetensors"
     save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
     return path
@@ -82,14 +120,12 @@ def two_contig_vcf(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: runs on a CUDA device (tests/test_cuda.py); `pytest -m gpu`")
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device (the device fixture's cuda param); `pytest -m gpu`")
 
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests are deselected (not skipped) where they cannot run: no CUDA device, and no
     ENFORMER_VEP_TEST_DEVICE=cpu asking for a dry run on the CPU."""
-    import os
-
     import torch
 
     if os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda").startswith("cuda") and not torch.cuda.is_available():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_writer import crc32c, field_bytes, mask, varint
 from helpers import DATA
 
 from enformer_vep import basenji_data
@@ -22,8 +23,6 @@ from enformer_vep.basenji_data import (
     read_statistics,
     tfrecord_files,
 )
-from bundle_writer import crc32c, field_bytes, mask, varint
-
 from enformer_vep.errors import InputError
 
 SAMPLE = DATA / "basenji2_tf_sample"
@@ -47,7 +46,8 @@ def pb_feature(value) -> bytes:
 
 
 def pb_example(features: dict) -> bytes:
-    entries = b"".join(field_bytes(1, field_bytes(1, k.encode()) + field_bytes(2, pb_feature(v))) for k, v in features.items())
+    entries = b"".join(field_bytes(1, field_bytes(1, k.encode()) + field_bytes(2, pb_feature(v)))
+                       for k, v in features.items())
     return field_bytes(1, entries)  # Example.features = 1 { map<string, Feature> feature = 1 }
 
 
@@ -110,7 +110,7 @@ def test_independent_writer_round_trip_bit_exact(tmp_path):
     written = make_dataset(tmp_path, {"train-0.tfr": 4})["train-0.tfr"]
     got = list(examples(tmp_path, "train"))
     assert len(got) == 4
-    for (seq, tgt), (s, t) in zip(written, got):
+    for (seq, tgt), (s, t) in zip(written, got, strict=True):
         assert s.dtype == np.float32 and s.shape == (SEQ_LEN, 4)
         assert t.dtype == np.float32 and t.shape == (TGT_LEN, N_TRACKS)
         np.testing.assert_array_equal(s, seq.astype(np.float32))
@@ -255,7 +255,7 @@ def test_files_in_natural_order(tmp_path):
 
 def _markers(batch_iter, n_batches):
     out = []
-    for _, (x, y) in zip(range(n_batches), batch_iter):
+    for _, (_x, y) in zip(range(n_batches), batch_iter, strict=False):
         out.append([int(v) for v in y[:, 0, 0]])
     return out
 
@@ -289,7 +289,8 @@ def test_shuffle_is_deterministic_and_each_example_once_per_epoch(tmp_path):
             assert sorted(epoch) == list(range(n))  # every example exactly once per epoch
     assert a[0] != list(range(n)) and a[0] != a[1]  # shuffled, and differently each epoch
     # batch sizes within an epoch: 4, 4, 3 (batches never straddle epochs)
-    sizes = [x.shape[0] for _, (x, _) in zip(range(6), batches(tmp_path, "train", 4, shuffle_buffer=5, repeat=True))]
+    endless = batches(tmp_path, "train", 4, shuffle_buffer=5, repeat=True)
+    sizes = [x.shape[0] for _, (x, _) in zip(range(6), endless, strict=False)]
     assert sizes == [4, 4, 3, 4, 4, 3]
     # without repeat: one epoch, then stop
     once = [m for b in _markers(batches(tmp_path, "train", 4, shuffle_buffer=100, seed=1), 100) for m in b]

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from bundle_writer import crc32c as table_crc32c  # the test writer's bytewise table CRC
 
 from enformer_vep import crc32c as crc_module

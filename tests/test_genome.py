@@ -1,4 +1,4 @@
-"""Genome: plain and BGZF FASTA reads against plain string slicing, index building and errors.
+"""Genome: plain and BGZF FASTA reads against plain string slicing, index building (by htslib) and errors.
 
 Expected sequences come from reading the FASTA with ``open()`` into a dict and slicing strings; expected
 indexes are written down by hand or produced by the test's own BGZF writer.
@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pysam
@@ -133,6 +134,7 @@ def test_built_fai_equals_samtools_fai(tmp_path):
     shutil.copyfile(GIAB / "reference.fa", tmp_path / "reference.fa")
     g = Genome(tmp_path / "reference.fa")
     assert (tmp_path / "reference.fa.fai").read_bytes() == (GIAB / "reference.fa.fai").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference.fa", "reference.fa.fai"]  # no temporary left
     assert g.index_checksum() == hashlib.sha256((GIAB / "reference.fa.fai").read_bytes()).hexdigest()
 
 
@@ -190,11 +192,12 @@ def test_bgzf_reads_like_plain_with_block_boundaries_inside_lines_and_fetches(tm
 
 def test_bgzf_indexes_are_built(tmp_path):
     text, fai = make_fasta("\r\n")
-    compressed, gzi = bgzip(text.encode(), 333, extra_subfield=b"XY\x02\x00hi")
+    compressed, gzi = bgzip(text.encode(), 333)
     (tmp_path / "hand.fa.gz").write_bytes(compressed)
     g = Genome(tmp_path / "hand.fa.gz")
     assert (tmp_path / "hand.fa.gz.fai").read_text() == fai
     assert (tmp_path / "hand.fa.gz.gzi").read_bytes() == gzi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hand.fa.gz", "hand.fa.gz.fai", "hand.fa.gz.gzi"]
     seqs = read_fasta_text(text)
     for name, seq in seqs.items():
         assert fetch_str(g, name, -10, len(seq) + 10) == padded(seq, -10, len(seq) + 10)
@@ -214,10 +217,14 @@ def test_real_reference_bgzf(tmp_path, chr1):
         assert fetch_str(g, "1", start, end) == padded(chr1, start, end), (start, end)
 
 
-def test_pickle_reopens_the_file(tmp_path):
+@pytest.mark.parametrize("compressed", [False, True])
+def test_pickle_reopens_the_file(tmp_path, compressed):
     text, _ = make_fasta("\n")
     (tmp_path / "hand.fa").write_text(text)
-    g = Genome(tmp_path / "hand.fa")
+    if compressed:
+        pysam.tabix_compress(str(tmp_path / "hand.fa"), str(tmp_path / "hand.fa.gz"))
+    g = Genome(tmp_path / ("hand.fa.gz" if compressed else "hand.fa"))
+    assert g.bgzf == compressed
     copy = pickle.loads(pickle.dumps(g))
     g.close()
     assert copy.contigs == g.contigs and copy.index_checksum() == g.index_checksum()
@@ -239,10 +246,10 @@ def test_unwritable_directory_gives_clear_error(tmp_path, monkeypatch):
             writable = False
         if writable:  # running as root: permissions do not stop writes, so refuse the write the way the OS would
 
-            def refuse(path, write):
-                raise PermissionError(errno.EACCES, "Permission denied", path)
+            def refuse(path, *args):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-            monkeypatch.setattr(genome_module, "atomic_write", refuse)
+            monkeypatch.setattr(genome_module, "atomic_path", refuse)
         with pytest.raises(InputError, match=r"t\.fa\.fai is missing and cannot be written \(Permission denied\)"
                                              r".*samtools faidx .*t\.fa"):
             Genome(folder / "t.fa")
@@ -254,28 +261,51 @@ def test_unwritable_directory_gives_clear_error(tmp_path, monkeypatch):
 def test_unwritable_gzi_gives_clear_error(tmp_path, monkeypatch):
     compressed, _ = bgzip(b">a\nACGT\n", 4)
     (tmp_path / "t.fa.gz").write_bytes(compressed)
+    writable = genome_module.atomic_path
 
-    def refuse(path, write):
-        raise PermissionError(errno.EACCES, "Permission denied", path)
+    def refuse_gzi(path, *args):  # the .fai could be written, the .gzi not
+        if str(path).endswith(".gzi"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return writable(path, *args)
 
-    monkeypatch.setattr(genome_module, "atomic_write", refuse)
-    with pytest.raises(InputError, match=r"t\.fa\.gz\.gzi is missing .*samtools faidx"):
+    monkeypatch.setattr(genome_module, "atomic_path", refuse_gzi)
+    with pytest.raises(InputError, match=r"t\.fa\.gz\.gzi is missing and cannot be written \(Permission denied\)"
+                                         r".*samtools faidx"):
         Genome(tmp_path / "t.fa.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.fa.gz"]  # neither index half-written
+
+
+# htslib only prints where a sequence's lines differ; the message names the fault and the fix.
+RAGGED = (r"htslib cannot index it \(its message above says where\); the usual cause is a sequence whose lines are "
+          r"not all the same length .*: rewrap it, e.g. `seqkit seq -w 60`$")
 
 
 @pytest.mark.parametrize("text, why", [
-    (">a\nACGT\nAC\nACGT\n", r"line 4 \(sequence 'a'\) follows a shorter line"),
-    (">a\nACGT\nACGTA\n", r"line 3 \(sequence 'a'\) is longer"),
-    (">a\nACGT\n\nACGT\n", r"line 4 \(sequence 'a'\) follows a shorter line"),
-    (">a\nACGT\r\nACGT\n", r"line 3 \(sequence 'a'\) .*other line endings"),
-    (">a\nAC\n>a\nAC\n", r"line 3 \(sequence 'a'\) repeats an earlier sequence name"),
-    (">\nAC\n", r"line 1 is a '>' header without a name"),
+    (">a\nACGT\nAC\nACGT\n", RAGGED),  # a line after a shorter one
+    (">a\nACGT\nACGTA\n", RAGGED),  # a line longer than the first
+    (">a\nACGT\n\nACGT\n", RAGGED),  # a blank line inside a sequence
+    (">a\nACGT\nACGT\r\nACGT\n", RAGGED),  # another line ending inside a sequence
+    (">a\nAC\n>a\nAC\n", r"the '>' header at byte 6 repeats the sequence name 'a'; rename or remove one of the two "
+                       r"sequences$"),
+    (">a\nAC\n>b\nGG\n>e\n>b\nAC\n>c\nA\n", r"the '>' header at byte 15 repeats the sequence name 'b'"),  # after e
+    (">\nAC\n", r"the sequence at byte 2 has a '>' header line without a name$"),
+    (">a\nACGT\n>b desc\n\n", r"its last sequence 'b' is empty \(the file ends with its '>' header line\), which "
+                             r"htslib cannot index; remove that line$"),
 ])
 def test_malformed_fasta_is_not_indexed(tmp_path, text, why):
     (tmp_path / "bad.fa").write_text(text, newline="")
-    with pytest.raises(InputError, match="cannot index .*bad.fa: " + why):
+    with pytest.raises(InputError, match="^cannot index .*bad.fa: " + why):
         Genome(tmp_path / "bad.fa")
-    assert not (tmp_path / "bad.fa.fai").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fa"]  # no index, no temporary left
+
+
+def test_other_line_ending_on_the_last_line_is_read(tmp_path):
+    # htslib indexes a sequence whose last line ends differently (the others set the layout), and reads it right.
+    # By hand: a starts at 3 with 4 bases in 6-byte lines; b's header follows at 3 + 6 + 6 + 3 = 18, its bases at 21.
+    (tmp_path / "t.fa").write_bytes(b">a\nACGT\r\nACGT\r\nAC\n>b\nGG\n")
+    g = Genome(tmp_path / "t.fa")
+    assert (tmp_path / "t.fa.fai").read_text() == "a\t10\t3\t4\t6\nb\t2\t21\t2\t3\n"
+    assert fetch_str(g, "a", -1, 11) == "NACGTACGTACN" and fetch_str(Genome(tmp_path / "t.fa"), "b", 0, 2) == "GG"
 
 
 def test_short_last_line_and_trailing_blank_lines_are_fine(tmp_path):
@@ -289,6 +319,12 @@ def test_plain_gzip_is_refused(tmp_path):
     (tmp_path / "t.fa.gz").write_bytes(gzip.compress(b">a\nACGT\n"))
     with pytest.raises(InputError, match="not BGZF: gunzip it or recompress it with `bgzip`"):
         Genome(tmp_path / "t.fa.gz")
+    # BGZF with another gzip subfield beside BC is valid, but htslib takes it for plain gzip and cannot seek in it.
+    compressed, _ = bgzip(b">a\nACGT\n", 4, extra_subfield=b"XY\x02\x00hi")
+    (tmp_path / "t.fa.gz").write_bytes(compressed)
+    with pytest.raises(InputError, match="not BGZF: gunzip it or recompress it with `bgzip`"):
+        Genome(tmp_path / "t.fa.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.fa.gz"]
 
 
 def test_gzip_after_a_bgzf_block_is_refused(tmp_path):
@@ -366,8 +402,9 @@ def test_corrupt_bgzf_block(tmp_path):
     (tmp_path / "t.fa.gz.fai").write_text("a\t400\t3\t400\t401\n")
     g = Genome(tmp_path / "t.fa.gz")
     assert fetch_str(g, "a", 0, 8) == "ACGTACGT"  # the first block is intact
-    with pytest.raises(InputError, match=rf"t\.fa\.gz is corrupt: BGZF block at byte {second}"):
+    with pytest.raises(InputError, match=rf"t\.fa\.gz is corrupt: BGZF block at byte {second} cannot be inflated"):
         g.fetch("a", 0, 100)
+    assert fetch_str(g, "a", 4, 12) == "ACGTACGT"  # other blocks are still read
 
 
 def test_genome_blocks_serve_the_same_bases_from_one_read():
@@ -472,12 +509,13 @@ def test_sequence_edited_after_indexing_is_refused(tmp_path, edited, why):
     ">a desc\nACGTACGT\nACG\n\n\n>b\nACGT\n\n",  # blank lines after a sequence
     ">a desc\nACGTACGT\nACG\n>b\nACGT",  # no line end after the last base
     ">a desc\r\nACGTACGT\r\nACG\r\n>b\r\nACGT\r\n",
-    ">a desc\nACGTACGT\nACG\n>empty x\n>b\nACGT\n>e2\n",  # empty sequences (indexed by us, skipped by samtools)
+    ">a desc\nACGTACGT\nACG\n>empty x\n\n>e2\n>b\nACGT\n",  # empty sequences (not indexed by htslib)
+    "> a desc\nACGTACGT  \nACG \n>b\tx\nACGT\t\n",  # blanks after '>' and after bases (not counted by htslib)
 ])
 def test_existing_index_that_fits_is_accepted(tmp_path, text):
     path = tmp_path / "t.fa"
     path.write_bytes(text.encode())
-    built = Genome(path)  # our own index, checked when opened again
+    built = Genome(path)  # htslib's index, checked when opened again
     fai = (tmp_path / "t.fa.fai").read_bytes()
     again = Genome(path)
     assert (tmp_path / "t.fa.fai").read_bytes() == fai and again.contigs == built.contigs
@@ -597,7 +635,7 @@ def test_fresh_samtools_indexes_are_accepted(tmp_path, newline, final_newline, c
 
 
 def test_truncated_deflate_data_is_corrupt(tmp_path):
-    # A block whose deflate stream stops short of its ISIZE: inflating only what a read needs must still notice.
+    # A block whose deflate stream stops short of its ISIZE: htslib's inflating fails; the message names the block.
     block = bgzf_block(b">a\n" + b"ACGT" * 100 + b"\n")
     body_end = len(block) - 8
     header = bytearray(block[:18])
@@ -605,5 +643,66 @@ def test_truncated_deflate_data_is_corrupt(tmp_path):
     (tmp_path / "t.fa.gz").write_bytes(bytes(header) + block[18:body_end - 20] + block[body_end:] + BGZF_EOF)
     (tmp_path / "t.fa.gz.fai").write_text("a\t400\t3\t400\t401\n")
     (tmp_path / "t.fa.gz.gzi").write_bytes(struct.pack("<Q", 0))
-    with pytest.raises(InputError, match=r"t\.fa\.gz is corrupt: BGZF block at byte 0 is truncated"):
-        Genome(tmp_path / "t.fa.gz")  # the .fai check reads the sequence's end
+    with pytest.raises(InputError, match=r"t\.fa\.gz is corrupt: BGZF block at byte 0 cannot be inflated"):
+        Genome(tmp_path / "t.fa.gz")  # the first check reads the first byte
+
+
+def test_index_listing_empty_sequences_is_accepted(tmp_path):
+    # Our own builder (before htslib built the indexes) listed empty sequences, which htslib leaves out; offsets by
+    # hand: a after the 8-byte header, 'empty' after 8 + 9 + 4 + 9, b 3 bytes later, e2 after b's 5-byte line.
+    (tmp_path / "t.fa").write_text(">a desc\nACGTACGT\nACG\n>empty x\n>b\nACGT\n>e2\n")
+    (tmp_path / "t.fa.fai").write_text("a\t11\t8\t8\t9\nempty\t0\t30\t0\t0\nb\t4\t33\t4\t5\ne2\t0\t42\t0\t0\n")
+    g = Genome(tmp_path / "t.fa")
+    assert g.contigs == {"a": 11, "empty": 0, "b": 4, "e2": 0}
+    assert fetch_str(g, "empty", -1, 2) == "NNN" and fetch_str(g, "b", -1, 5) == "NACGTN"
+
+
+def test_bytes_other_than_letters_are_kept(tmp_path):
+    # Under an index that counts every byte of a line as a base (as our own builder did): a byte that is not UTF-8
+    # (pysam decodes the bases as UTF-8) and the two bytes of a UTF-8 'é' come back unchanged, letters upper-cased.
+    (tmp_path / "t.fa").write_bytes(b">a\nAc\xe9g\nt\xc3\xa9*\n")
+    (tmp_path / "t.fa.fai").write_text("a\t8\t3\t4\t5\n")
+    g = Genome(tmp_path / "t.fa")
+    assert g.fetch("a", -1, 9).tobytes() == b"NAC\xe9GT\xc3\xa9*N"
+    assert g.fetch("a", 4, 8).tobytes() == b"T\xc3\xa9*"
+
+
+def test_missing_gzi_is_built_and_the_existing_fai_still_checked(tmp_path):
+    path = bgzf_fasta(tmp_path, "t.fa.gz", b">a\nACGTACGT\nACGT\n")
+    (tmp_path / "t.fa.gz.gzi").unlink()
+    (tmp_path / "t.fa.gz.fai").write_text("a\t12\t3\t4\t5\n")  # another line width: a's last base would be at 16
+    message = refusal(path)
+    assert re.match(stale_message("t.fa.gz.fai", "t.fa.gz", "contig 'a' of 12 bases does not end at byte 17"),
+                    message), message
+    assert gzi_entries((tmp_path / "t.fa.gz.gzi").read_bytes()) == []  # htslib's: one data block, none listed
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_one_genome_serves_several_threads(tmp_path, compressed):
+    data = long_fasta(6)
+    if compressed:
+        path = bgzf_fasta(tmp_path, "t.fa.gz", data)
+    else:
+        path = tmp_path / "t.fa"
+        path.write_bytes(data)
+    seq = data[3:].replace(b"\n", b"").decode()
+    g = Genome(path)
+    rng = random.Random(8)
+    spans = [(start, start + rng.randint(0, 5_000)) for start in (rng.randint(-100, len(seq)) for _ in range(300))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda span: fetch_str(g, "s", *span), spans))
+    assert got == [padded(seq, *span) for span in spans]
+
+
+def test_fasta_cut_short_after_opening(tmp_path):
+    data = long_fasta(9)
+    (tmp_path / "t.fa").write_bytes(data)
+    g = Genome(tmp_path / "t.fa")
+    with open(tmp_path / "t.fa", "r+b") as f:
+        f.truncate(100_000)  # 60 bases per 61 bytes: base 150,000 was at byte 152,503
+    with pytest.raises(InputError, match=r"t\.fa\.fai does not match .*\(contig 's' is cut short\)"):
+        g.fetch("s", 150_000, 150_010)
+    assert fetch_str(g, "s", 0, 120) == data[3:3 + 122].replace(b"\n", b"").decode()  # what is left is still read
+    g.close()
+    with pytest.raises(ValueError, match="closed"):
+        g.fetch("s", 0, 10)

@@ -147,13 +147,15 @@ def test_train_resumes_exactly_and_evaluate_reports_pearson_per_track(tmp_path):
             "--checkpoint-every", "1", "--no-progress", "--shuffle-buffer", "0"]
     result = run(*base, "--steps", "3", "--checkpoint", tmp_path / "a.pt", "-o", tmp_path / "a.safetensors")
     assert result.exit_code == 0 and "after 3 steps" in result.output, result.output
-    assert run(*base, "--steps", "2", "--checkpoint", tmp_path / "b.pt", "-o", tmp_path / "b2.safetensors").exit_code == 0
+    result = run(*base, "--steps", "2", "--checkpoint", tmp_path / "b.pt", "-o", tmp_path / "b2.safetensors")
+    assert result.exit_code == 0
     # another --seed: only a real resume (weights, optimizer, RNG and data position from b.pt) can
     # still give run a's weights; unshuffled data keeps the batches independent of the seed
-    result = run(*base, "--steps", "3", "--seed", "7", "--checkpoint", tmp_path / "b.pt", "-o", tmp_path / "b.safetensors")
+    result = run(*base, "--steps", "3", "--seed", "7", "--checkpoint", tmp_path / "b.pt",
+                 "-o", tmp_path / "b.safetensors")
     assert result.exit_code == 0, result.output
     assert run(*base, "--steps", "3", "--seed", "7", "-o", tmp_path / "c.safetensors").exit_code == 0
-    a, b, b2 = tensors(tmp_path / "a.safetensors"), tensors(tmp_path / "b.safetensors"), tensors(tmp_path / "b2.safetensors")
+    a, b, b2 = (tensors(tmp_path / name) for name in ("a.safetensors", "b.safetensors", "b2.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # resumed = uninterrupted
     assert any(not np.array_equal(a[k], b2[k]) for k in a)  # and the third step did something
     c = tensors(tmp_path / "c.safetensors")

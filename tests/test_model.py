@@ -1,23 +1,24 @@
 """The model against the official implementation's own numbers (tests/data/official_small)
 and against hand-derived expectations for its building blocks."""
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import DATA, cuda_only, load_fixture_weights, relative_error
 
-from enformer_vep.model import (Enformer, EnformerConfig, MultiHeadAttention, SoftmaxPool, gelu,
-                                relative_position_features, relative_shift)
+from enformer_vep.model import (
+    Enformer,
+    EnformerConfig,
+    MultiHeadAttention,
+    SoftmaxPool,
+    gelu,
+    relative_position_features,
+    relative_shift,
+)
+from enformer_vep.scoring import precision_mode
 from enformer_vep.weights import build_model, convert_official
-
-from helpers import DATA, relative_error
-
-
-def load_fixture_weights():
-    """The fixture's weights by official object path; stored bf16-packed, which is lossless
-    because every fixture value is bf16-representable (see tests/data/README.md)."""
-    packed = np.load(DATA / "official_small" / "weights_bf16.npz")
-    return {key.replace(".", "/"): (packed[key].astype(np.uint32) << 16).view(np.float32) for key in packed}
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +27,28 @@ def npz_model():
     return build_model(convert_official({path: (lambda v=v: v) for path, v in weights.items()}))
 
 
-def test_parity_with_official_outputs_from_npz_weights(npz_model, official_inputs, official_outputs):
-    with torch.inference_mode():
-        trunk = npz_model.trunk(torch.from_numpy(official_inputs))
-        heads = {name: torch.nn.functional.softplus(head(trunk)) for name, head in npz_model.heads.items()}
-    assert relative_error(trunk.numpy(), official_outputs["trunk"]) <= 1e-5
+@pytest.fixture
+def official_model(npz_model, device):
+    """The fixture model on ``device`` (a copy: the module's CPU model stays where it is)."""
+    return npz_model if device.type == "cpu" else copy.deepcopy(npz_model).to(device)
+
+
+# fp32 to 1e-5 everywhere; tf32/bf16: the bounds of their rounding, measured on an H200 (TF32 on CPU
+# is float32, so only CUDA has a tf32 case; CPU bf16 autocast gives ~1.1e-2)
+@pytest.mark.parametrize("precision, limit", [("fp32", 1e-5), ("tf32", 1e-2), ("bf16", 5e-2)])
+def test_parity_with_official_outputs_from_npz_weights(official_model, device, official_inputs, official_outputs,
+                                                       precision, limit):
+    if precision == "tf32":
+        cuda_only(device, "TF32 (a mode of CUDA matmuls and cuDNN convolutions; float32 on CPU)")
+    x = torch.from_numpy(official_inputs).to(device)
+    with torch.inference_mode(), precision_mode(precision, device):
+        trunk = official_model.trunk(x).float()
+        heads = {name: torch.nn.functional.softplus(head(trunk)).float()
+                 for name, head in official_model.heads.items()}
+    assert relative_error(trunk.cpu().numpy(), official_outputs["trunk"]) <= limit
     for head in ("human", "mouse"):
-        got = heads[head].numpy()[:, :, official_outputs[f"{head}_tracks"]]
-        assert relative_error(got, official_outputs[head]) <= 1e-5, head
+        got = heads[head].cpu().numpy()[:, :, official_outputs[f"{head}_tracks"]]
+        assert relative_error(got, official_outputs[head]) <= limit, head
 
 
 def test_hub_length_input_is_cropped_to_its_centre(npz_model, official_inputs):
@@ -45,12 +60,16 @@ def test_hub_length_input_is_cropped_to_its_centre(npz_model, official_inputs):
     assert torch.equal(out["human"], out_long["human"])
 
 
-def test_input_gradient_matches_official(npz_model, official_inputs, official_outputs):
-    x = torch.from_numpy(official_inputs[:1]).clone().requires_grad_(True)
-    objective = npz_model(x)["human"][0, 443:453, 0].sum()
-    objective.backward()
-    assert math.isclose(objective.item(), float(official_outputs["grad_target"]), rel_tol=1e-5)
-    assert relative_error(x.grad[0].numpy(), official_outputs["grad"]) <= 1e-4
+def test_input_gradient_matches_official(official_model, device, official_inputs, official_outputs):
+    # fp32 pinned: cuDNN convolutions default to TF32 on CUDA
+    with precision_mode("fp32", device):
+        x = torch.from_numpy(official_inputs[:1]).to(device).requires_grad_(True)
+        objective = official_model(x)["human"][0, 443:453, 0].sum()
+        objective.backward()
+    # the CPU's bound for the objective; a device sums in other orders: the gradient's bound there
+    assert math.isclose(objective.item(), float(official_outputs["grad_target"]),
+                        rel_tol=1e-5 if device.type == "cpu" else 1e-4)
+    assert relative_error(x.grad[0].cpu().numpy(), official_outputs["grad"]) <= 1e-4
 
 
 @pytest.mark.parametrize("key,seq_len", [("F192_T1536", 1536), ("F192_T1024", 1024), ("F48_T1536", 1536)])

@@ -103,7 +103,7 @@ def test_file_bytes_do_not_depend_on_how_rows_are_staged(tmp_path):
     for name, sizes in (("a", (3000, 2000, 100)), ("b", (5100,)), ("c", (1, 4098, 1001))):
         run = RunDirectory(tmp_path / name, "p", {})
         bounds = np.cumsum((0,) + sizes)
-        for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             run.write_chunk("chr1", index, all_rows[start:stop], {"SAD": sad[start:stop]}, {"SAD": 0})
         run.finish([("chr1", i) for i in range(len(sizes))], TARGETS, ["SAD"], ATTRS, percentiles=True)
         files.append((tmp_path / name / "p.chr1.h5").read_bytes())

@@ -19,7 +19,6 @@ from toy_models import BaseCounter
 
 from enformer_vep.cli import cli
 from enformer_vep.errors import InputError
-from enformer_vep.model import Enformer, EnformerConfig
 from enformer_vep.pipeline import ScoreOptions, score_vcf
 from enformer_vep.weights import save_native
 
@@ -41,26 +40,18 @@ RECORDS = vcf_records(GIAB / "input.vcf")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small random Enformer with the released human head size (5313 tracks); its weights are
-    doubled so that single-base variants move the predictions well above float32 noise."""
-    torch.manual_seed(11)
-    model = Enformer(EnformerConfig(channels=24, num_heads=2, num_transformer_layers=1,
-                                    conv_filters=[16, 16, 16, 16, 24, 24], heads={"human": 5313}))
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 2.0)
-            elif name.endswith("running_mean") or name.endswith(".bias"):
-                tensor.normal_(0, 0.1)
-            elif name.endswith("weight") and tensor.ndim > 1:
-                tensor.mul_(2.0)
+def tiny_model(tmp_path_factory, tiny_enformer):
+    """A small random Enformer with the released human head size (5313 tracks), random batch-norm
+    statistics and biases; its weights are doubled so that single-base variants move the predictions
+    well above float32 noise."""
+    model = tiny_enformer(seed=11, channels=24, conv_filters=[16, 16, 16, 16, 24, 24], heads={"human": 5313},
+                          random_statistics=True)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
-    return path, model.eval()
+    return path, model
 
 
-# --- an independent, deliberately plain computation (SPEC §4-5) --------------------------------
+# --- an independent, deliberately plain computation (docs/spec.md §3-4) --------------------------------
 
 @pytest.fixture(scope="module")
 def chromosome():
@@ -114,13 +105,21 @@ def vcf_run(tmp_path_factory, tiny_model):
     return out, result.output
 
 
-def test_real_variants_equal_the_independent_computation(vcf_run, expected_scores):
+def test_real_variants_equal_the_independent_computation(vcf_run, expected_scores, tiny_model, device, tmp_path):
+    """The CPU run; on a device, the same command there in float32, with reuse (the CUDA default)."""
     out, log = vcf_run
+    if device.type != "cpu":
+        out = tmp_path / "device"
+        result = run_cli(GIAB / "input.vcf", "--fasta", GIAB / "reference.fa", "--model", tiny_model[0], "-o", out,
+                         "--device", device, "--precision", "fp32", "--reuse", "--no-progress")
+        assert result.exit_code == 0, result.output
+        log = result.output
     assert "scored 100 variant alleles" in log
     with h5py.File(out / "input.chr1.h5", "r") as f:
         assert f["SAD"].shape == (100, 5313) and f["SAD"].dtype == np.float16
-        assert [(c.decode(), int(p), r.decode(), a.decode()) for c, p, r, a in
-                zip(f["chr"][:], f["pos"][:], f["ref"][:], f["alt"][:])] == [(c, p, r, a) for c, p, _, r, a in RECORDS]
+        rows = zip(f["chr"][:], f["pos"][:], f["ref"][:], f["alt"][:], strict=True)
+        assert [(c.decode(), int(p), r.decode(), a.decode()) for c, p, r, a in rows] == \
+            [(c, p, r, a) for c, p, _, r, a in RECORDS]
         assert f["snp"][0].decode() == f"chr1:{RECORDS[0][1]}"  # ID '.' -> chr:pos
         assert f["ref_allele"][5] == f["ref"][5] and f["alt_allele"][5] == f["alt"][5]
         assert f["target_ids"][0] == b"ENCFF833POA" and f["target_labels"].shape == (5313,)
@@ -445,11 +444,13 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_files(tmp_path, fa
     print("staged chunks when killed:", moments)
 
 
-def test_two_cpu_workers_give_the_output_of_one(tmp_path, fast_model):
+def test_two_workers_on_one_device_give_the_output_of_one(tmp_path, fast_model, device):
+    """--devices D,D (two worker processes sharing the device) writes the files of --device D, byte for byte."""
+    one = "cuda:0" if device.type == "cuda" and device.index is None else str(device)
     vcf = short_vcf(tmp_path)
     base = [vcf, "--fasta", GIAB / "reference.fa", "--model", fast_model, "--no-progress", "--checkpoint-every", "3"]
-    assert run_cli(*base, "--device", "cpu", "-o", tmp_path / "one").exit_code == 0
-    result = run_cli(*base, "--devices", "cpu,cpu", "-o", tmp_path / "two")
+    assert run_cli(*base, "--device", one, "-o", tmp_path / "one").exit_code == 0
+    result = run_cli(*base, "--devices", f"{one},{one}", "-o", tmp_path / "two")
     assert result.exit_code == 0, result.output
     for name in OUTPUT_FILES:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

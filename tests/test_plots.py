@@ -121,7 +121,7 @@ def test_contributions_zoom_draws_one_bar_per_base_coloured_by_base(sequence):
     assert len(bars) == 40
     np.testing.assert_allclose([bar.get_x() + bar.get_width() / 2 for bar in bars], np.arange(10_051, 10_091))
     np.testing.assert_allclose([bar.get_height() for bar in bars], SCORES[50:90])
-    for bar, base in zip(bars, SEQUENCE[50:90]):
+    for bar, base in zip(bars, SEQUENCE[50:90], strict=True):
         expected = BASE_COLORS.get(base)
         if expected is not None:
             assert bar.get_facecolor() == pytest.approx((*(int(expected[i:i + 2], 16) / 255 for i in (1, 3, 5)), 1))

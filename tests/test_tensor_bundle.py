@@ -1,16 +1,15 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bundle_writer import field_bytes, field_varint, object_graph, tree_nodes, write_bundle
+from helpers import DATA
+
 from enformer_vep.errors import WeightsError
 from enformer_vep.tensor_bundle import TensorBundle
 
-from helpers import DATA
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -59,7 +58,7 @@ def test_round_trip(bundle_prefix):
         got = bundle.read(key)
         assert bundle.shape(key) == value.shape == got.shape, key
         if value.dtype == object:
-            assert got.dtype == bundle.dtype(key) == object
+            assert got.dtype == bundle.dtype(key) == np.dtype(object)
             assert got.tolist() == value.tolist()
         else:
             assert got.dtype == bundle.dtype(key) == value.dtype, key
@@ -97,7 +96,7 @@ SONNET_PATHS = {
 def test_object_paths(tmp_path):
     bundle, tensors = _sonnet_bundle(tmp_path, tree_nodes(SONNET_PATHS))
     assert bundle.object_paths() == SONNET_PATHS
-    for path, key in bundle.object_paths().items():
+    for _path, key in bundle.object_paths().items():
         np.testing.assert_array_equal(bundle.read(key), tensors[key])
 
 

@@ -4,24 +4,35 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cuda_only
 
-from enformer_vep.model import Enformer, EnformerConfig
 from enformer_vep.targets import Targets
-from enformer_vep.training import (EvalResult, TrainConfig, evaluate, freeze_trunk, load_checkpoint,
-                                   make_optimizer, poisson_loss, replace_head, save_trained, train,
-                                   warmup_factor)
+from enformer_vep.training import (
+    EvalResult,
+    TrainConfig,
+    evaluate,
+    freeze_trunk,
+    load_checkpoint,
+    make_optimizer,
+    poisson_loss,
+    replace_head,
+    save_trained,
+    train,
+    warmup_factor,
+)
 from enformer_vep.weights import load_model
 
 BIN = 128
 
 
-def tiny_model(seed=0, bins=8, heads=None, channels=12):
-    """1 transformer layer, ``channels`` channels, inputs of 128 * bins bp, all bins kept."""
-    torch.manual_seed(seed)
-    half = channels // 2
-    return Enformer(EnformerConfig(channels=channels, num_heads=2, num_transformer_layers=1,
-                                   conv_filters=[half, half, 3 * channels // 4, 3 * channels // 4, channels, channels],
-                                   target_length=bins, heads=heads or {"human": 3, "mouse": 2}))
+@pytest.fixture
+def tiny_model(tiny_enformer):
+    """``tiny_model(seed, bins, heads, channels)``: conftest's tiny Enformer with torch's initial weights
+    (not doubled: they train well), inputs of 128 * bins bp, all bins kept, two heads by default."""
+    def make(seed=0, bins=8, heads=None, channels=12):
+        return tiny_enformer(seed=seed, channels=channels, target_length=bins, doubled=False,
+                             heads=heads or {"human": 3, "mouse": 2})
+    return make
 
 
 def random_factory(n_tracks, bins=8, batch=2, per_epoch=3, seed=0):
@@ -59,7 +70,7 @@ def test_poisson_loss_by_hand():
     assert zero == pytest.approx(-math.log(1e-7), rel=1e-5)
 
 
-def test_warmup_learning_rates_by_hand():
+def test_warmup_learning_rates_by_hand(tiny_model):
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
     model = tiny_model()
@@ -83,7 +94,7 @@ def grad_norm(model):
         [p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
 
 
-def test_gradient_clipping_is_applied():
+def test_gradient_clipping_is_applied(tiny_model):
     data = {"human": random_factory(3)}
     model = tiny_model()
     train(model, data, TrainConfig(steps=1, heads=["human"]), progress=False)
@@ -94,7 +105,7 @@ def test_gradient_clipping_is_applied():
     assert grad_norm(model) == pytest.approx(0.01, rel=1e-4)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, tiny_model):
     """Interrupted after 5 batches (checkpoint at step 4), resumed into a fresh model: the same
     losses and weights as an uninterrupted run, bit for bit (dropout RNG, Adam, schedule, data)."""
     config = TrainConfig(steps=7, learning_rate=3e-3, warmup_steps=3, clip_grad_norm=1.0, seed=5,
@@ -131,7 +142,7 @@ def test_resume_continues_exactly(tmp_path):
     assert not (tmp_path / "run.ckpt.partial").exists()
 
 
-def test_evaluate_matches_numpy_corrcoef(tmp_path):
+def test_evaluate_matches_numpy_corrcoef(tmp_path, tiny_model):
     model = tiny_model(seed=3)
     rng = np.random.default_rng(7)
     batches = []
@@ -171,7 +182,7 @@ def test_evaluate_matches_numpy_corrcoef(tmp_path):
     assert lines[2].split("\t")[:3] == ["0", "ENCFF0", "DNASE:a"] and len(lines) == 3
 
 
-def test_replace_head_and_freeze_trunk(tmp_path):
+def test_replace_head_and_freeze_trunk(tmp_path, tiny_model):
     model = tiny_model(seed=4)
     replace_head(model, "mine", 5)
     replace_head(model, "mouse", 4)  # replacing an existing head changes its size
@@ -243,11 +254,14 @@ def test_motif_batch_counts_by_hand():
     assert y.sum() > 10
 
 
-def test_learns_planted_motif_counts():
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_learns_planted_motif_counts(tiny_model, device, bf16):
     """Human and mouse steps alternate; each head learns to count its motif per bin and predicts
-    held-out sequences with Pearson r > 0.9."""
-    model = tiny_model(seed=0, bins=TASK_BINS, channels=24, heads={"human": 1, "mouse": 1})
-    config = TrainConfig(steps=260, learning_rate=5e-3, warmup_steps=10, checkpoint_every=None)
+    held-out sequences with Pearson r > 0.9; with bf16 autocast too, on CUDA."""
+    if bf16:
+        cuda_only(device, "bf16 autocast training (train() uses float32 on CPU, as in the fp32 case)")
+    model = tiny_model(seed=0, bins=TASK_BINS, channels=24, heads={"human": 1, "mouse": 1}).to(device)
+    config = TrainConfig(steps=260, learning_rate=5e-3, warmup_steps=10, checkpoint_every=None, bf16=bf16)
     data = {"human": motif_factory("human", 1, 10**6), "mouse": motif_factory("mouse", 2, 10**6)}
     history = train(model, data, config, progress=False)
     assert history[-1]["human"] < history[0]["human"] and history[-1]["mouse"] < history[0]["mouse"]

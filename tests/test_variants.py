@@ -12,8 +12,7 @@ from cyvcf2 import VCF
 from helpers import DATA
 
 from enformer_vep.errors import InputError
-from enformer_vep.variants import (CONTIG_END, SKIP_REASONS, Allele, Skip, parse_region, read_variants,
-                                   resolve_contig)
+from enformer_vep.variants import CONTIG_END, SKIP_REASONS, Allele, Skip, parse_region, read_variants, resolve_contig
 
 GIAB = DATA / "grch38_chr1_giab_hg002"
 INDEXED = ["input.vcf.gz", "input.bcf", "input.csi.vcf.gz"]

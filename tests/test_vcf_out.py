@@ -47,7 +47,7 @@ def test_annotated_vcf_has_the_strongest_sad_per_family(annotated):
         sad = f["SAD"][:].astype(np.float32)
         ids = [t.decode() for t in f["target_ids"][:]]
         labels = [t.decode() for t in f["target_labels"][:]]
-        keys = list(zip(f["pos"][:].tolist(), (a.decode() for a in f["alt"][:])))
+        keys = list(zip(f["pos"][:].tolist(), (a.decode() for a in f["alt"][:]), strict=True))
     want = {}
     for row, key in enumerate(keys):  # a plain loop over every track
         best = {}
@@ -67,7 +67,7 @@ def test_annotated_vcf_has_the_strongest_sad_per_family(annotated):
             values = values if isinstance(values, tuple) else (values,)
             tracks = tracks.split(",") if isinstance(tracks, str) else list(tracks)
             assert len(values) == len(rec.ALT) == len(tracks)
-            for alt, value, track in zip(rec.ALT, values, tracks):
+            for alt, value, track in zip(rec.ALT, values, tracks, strict=True):
                 if alt == "<DEL>":
                     assert value is None and track == "."
                     continue

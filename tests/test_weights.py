@@ -23,7 +23,7 @@ from enformer_vep import WeightsError, load_model
 from enformer_vep.cli import cli
 from enformer_vep.errors import DownloadError
 from enformer_vep.tensor_bundle import TensorBundle
-from enformer_vep.weights import convert, read_state
+from enformer_vep.weights import read_state
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 

@@ -1,4 +1,4 @@
-"""Variant windows (SPEC §4) against an independent string implementation, hand-built cases and encodings."""
+"""Variant windows (docs/spec.md §3.4) against an independent string implementation, hand-built cases and encodings."""
 import random
 
 import numpy as np
@@ -6,8 +6,16 @@ import pytest
 from helpers import DATA
 
 from enformer_vep.genome import Genome
-from enformer_vep.windows import (HALF, VARIANT_OFFSET, WINDOW, allele_windows, one_hot, ref_matches,
-                                  reverse_complement, window_start)
+from enformer_vep.windows import (
+    HALF,
+    VARIANT_OFFSET,
+    WINDOW,
+    allele_windows,
+    one_hot,
+    ref_matches,
+    reverse_complement,
+    window_start,
+)
 
 GIAB = DATA / "grch38_chr1_giab_hg002"
 
@@ -31,7 +39,7 @@ def padded(seq: str, start: int, end: int) -> str:
 
 
 def string_windows(seq: str, pos: int, ref: str, alt: str) -> tuple[str, str]:
-    """The plain reading of SPEC §4, as in the project's acceptance reference (refscore.py)."""
+    """The plain reading of docs/spec.md §3.2-3.4, written independently of enformer_vep.windows."""
     start = pos - 196_608
     ref_win = padded(seq, start, start + 393_216)
     p0 = pos - 1 - start
