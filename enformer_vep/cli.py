@@ -1,13 +1,24 @@
 """The ``enformer-score`` command line: parses options and calls the library."""
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
+import os
+import re
 import sys
 
 import click
 
-from .errors import EnformerVepError
+from .errors import EnformerVepError, plural
+
+LOG_FORMAT = "%(asctime)s %(message)s"
+
+
+def _report(line: str) -> None:
+    """A result line, on stderr and timestamped like the run's log lines."""
+    record = logging.LogRecord("enformer_vep", logging.INFO, "", 0, line, None, None)
+    click.echo(logging.Formatter(LOG_FORMAT).format(record), err=True)
 
 
 class _Commands(click.Group):
@@ -16,6 +27,11 @@ class _Commands(click.Group):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
+            if not os.path.exists(args[0]) and not re.search(r"[./\\]", args[0]):
+                # a word that is neither a file nor a path: a mistyped command, not a VCF
+                close = difflib.get_close_matches(args[0], list(self.commands), n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; the commands are {', '.join(self.commands)}"
+                raise click.UsageError(f"no such command or VCF file: {args[0]!r}{hint}", ctx)
             args = ["score", *args]
         return super().parse_args(ctx, args)
 
@@ -43,6 +59,7 @@ def cli():
     enformer-score in.vcf.gz --fasta hg38.fa -o part3/ --shard 3/10   (one task of ten)
     enformer-score merge part*/ -o scores/
     enformer-score convert SOURCE model.safetensors
+    enformer-score index in.vcf                      (bgzip + tabix, no other tool needed)
     """
 
 
@@ -116,6 +133,9 @@ def _stats(text: str) -> tuple[str, ...]:
 @click.option("--ref-mismatch", type=click.Choice(["skip", "error", "score"]), default="skip", show_default=True,
               help="When REF differs from the FASTA: skip the allele (listed in skipped.tsv), stop with an "
                    "error, or score it anyway (the windows use the FASTA's bases).")
+@click.option("--max-ref-mismatch", type=click.FloatRange(0, 1), default=0.1, show_default=True, metavar="FRACTION",
+              help="Stop before scoring when REF differs from the FASTA for more than this fraction of the first "
+                   "1,000 alleles (and at least 5): a sign of a FASTA of another assembly. 1 never stops.")
 @DEVICE_OPTION
 @click.option("--devices", callback=lambda c, p, v: _devices(v), metavar="LIST|all",
               help="Several devices on this node, comma-separated (cuda:0,cuda:1) or 'all' (every CUDA "
@@ -193,9 +213,9 @@ def score(**kwargs):
         raise click.UsageError("give --device or --devices, not both")
     summary = score_vcf(ScoreOptions(**kwargs))
     for line in summary.lines():
-        click.echo(line, err=True)
+        _report(line)
     if kwargs["vcf_out"]:
-        click.echo(f"wrote {kwargs['vcf_out']}", err=True)
+        _report(f"wrote {kwargs['vcf_out']}")
 
 
 @cli.command()
@@ -216,8 +236,9 @@ def merge(shard_dirs, out_dir, overwrite, vcf_out):
     from .merge import merge_runs
 
     done = merge_runs(shard_dirs, out_dir, overwrite=overwrite, vcf_out=vcf_out)
-    click.echo(f"merged {len(shard_dirs)} shards: {done['summary']['scored']} rows into "
-               f"{len([f for f in done['files'] if f.endswith('.h5')])} files in {out_dir}", err=True)
+    files = len([f for f in done["files"] if f.endswith(".h5")])
+    _report(f"merged {plural(len(shard_dirs), 'shard')}: {plural(done['summary']['scored'], 'row')} into "
+            f"{plural(files, 'file')} in {out_dir}")
 
 
 def _model_options(command):
@@ -263,7 +284,7 @@ def predict(regions, fasta, out, bigwig_dir, batch_size, **kwargs):
     from .jobs import predict_job
 
     n = predict_job(regions, fasta, out, _choice(kwargs), batch_size=batch_size, bigwig_dir=bigwig_dir)
-    click.echo(f"wrote {out}: {n} regions" + (f"; bigWigs in {bigwig_dir}" if bigwig_dir else ""), err=True)
+    _report(f"wrote {out}: {plural(n, 'region')}" + (f"; bigWigs in {bigwig_dir}" if bigwig_dir else ""))
 
 
 @cli.command()
@@ -285,7 +306,7 @@ def contrib(region, fasta, prefix, bins, **kwargs):
     from .jobs import contrib_job
 
     bedgraph, h5, targets = contrib_job(region, fasta, prefix, _choice(kwargs), bins=bins)
-    click.echo(f"wrote {bedgraph} and {h5} ({len(targets)} tracks)", err=True)
+    _report(f"wrote {bedgraph} and {h5} ({plural(len(targets), 'track')})")
 
 
 @cli.command()
@@ -299,7 +320,10 @@ def contrib(region, fasta, prefix, bins, **kwargs):
               help="Apply this saved pca.npz instead of fitting one (e.g. the transform of a reference set).")
 @click.option("--max-rows", type=click.IntRange(min=2),
               help="Fit on this many evenly spaced variants instead of all (large runs).")
-def pca(scores_dir, out_dir, components, stat, transform_path, max_rows):
+@click.option("--overwrite", is_flag=True, help="Replace pca.npz and tables already in OUT_DIR (refused otherwise).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars. Default: on a terminal; otherwise a log line every 30 s.")
+def pca(scores_dir, out_dir, components, stat, transform_path, max_rows, overwrite, progress):
     """Principal components of variant scores over tracks, as tabix-indexed tables.
 
     Fits a PCA of SAD (centred per track) over every variant of the finished run SCORES_DIR,
@@ -310,10 +334,10 @@ def pca(scores_dir, out_dir, components, stat, transform_path, max_rows):
     from .pca import run_pca
 
     summary = run_pca(scores_dir, out_dir, components=components, stat=stat, transform_path=transform_path,
-                      max_rows=max_rows)
+                      max_rows=max_rows, overwrite=overwrite, progress=progress)
     explained = sum(summary["explained_variance_ratio"])
-    click.echo(f"wrote {len(summary['files'])} tables, {summary['rows']} variants, PC0..PC{summary['components'] - 1}"
-               f" of {summary['stat']} explaining {explained:.1%} of its variance", err=True)
+    _report(f"wrote {plural(len(summary['files']), 'table')}, {plural(summary['rows'], 'variant')}, "
+            f"PC0..PC{summary['components'] - 1} of {summary['stat']} explaining {explained:.1%} of its variance")
 
 
 @cli.group()
@@ -341,7 +365,7 @@ def plot_variant(variant, fasta, out, scores_dir, top, **kwargs):
     from .jobs import plot_variant_job
 
     figure = plot_variant_job(variant, fasta, out, _choice(kwargs), scores_dir=scores_dir, top=top)
-    click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
+    _report(f"wrote {out}: {plural(len(figure.axes), 'panel')}")
 
 
 @plot.command("contrib")
@@ -361,7 +385,7 @@ def plot_contrib(region, fasta, out, from_h5, bins, **kwargs):
     from .jobs import plot_contrib_job
 
     figure = plot_contrib_job(region, fasta, out, _choice(kwargs), bins=bins, from_h5=from_h5)
-    click.echo(f"wrote {out}: {len(figure.axes)} panels", err=True)
+    _report(f"wrote {out}: {plural(len(figure.axes), 'panel')}")
 
 
 def _head_data(values) -> dict[str, str]:
@@ -426,7 +450,7 @@ def train(data, out, init, config_json, new_heads, freeze_trunk, steps, lr, warm
                        config=config, batch_size=batch_size, shuffle_buffer=shuffle_buffer, checkpoint=checkpoint,
                        device=device, progress=progress)
     last = ", ".join(f"{head} {loss:.4f}" for head, loss in losses[-1].items()) if losses else "no step"
-    click.echo(f"wrote {out} after {len(losses)} steps (last losses: {last})", err=True)
+    _report(f"wrote {out} after {plural(len(losses), 'step')} (last losses: {last})")
 
 
 @cli.command()
@@ -450,8 +474,25 @@ def evaluate(model, data_dir, split, head, tracks, targets_path, batch_size, max
 
     result = evaluate_job(model, data_dir, split=split, head=head, tracks=tracks, targets_path=targets_path,
                           batch_size=batch_size, max_batches=max_batches, out=out, device=device)
-    click.echo(f"{head} {split}: mean Pearson r {result.mean_r:.4f} over {len(result.r)} tracks, "
-               f"{result.n_sequences} sequences" + (f"; table in {out}" if out else ""), err=True)
+    _report(f"{head} {split}: mean Pearson r {result.mean_r:.4f} over {plural(len(result.r), 'track')}, "
+            f"{plural(result.n_sequences, 'sequence')}" + (f"; table in {out}" if out else ""))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+def index(path):
+    """Compress and index PATH as the other commands want it, without bgzip, tabix or samtools.
+
+    \b
+    in.vcf     -> in.vcf.gz (bgzip) + in.vcf.gz.tbi   (the plain file is kept)
+    in.vcf.gz  -> in.vcf.gz.tbi, rebuilt (a plain-gzip file is recompressed with bgzip first)
+    in.bcf     -> in.bcf.csi, rebuilt
+    ref.fa     -> ref.fa.fai, rebuilt (ref.fa.gz: .fai and .gzi; plain gzip recompressed first)
+    """
+    from .tabix import index_input
+
+    written = index_input(path)
+    _report("wrote " + ", ".join(str(p) for p in written))
 
 
 @cli.command()
@@ -471,10 +512,10 @@ def convert(source, dest):
 
     config = convert_weights(source, dest)
     heads = ", ".join(f"{name} {n}" for name, n in config.heads.items())
-    click.echo(f"wrote {dest}: channels {config.channels}, {config.num_transformer_layers} transformer "
-               f"layers, {config.num_heads} heads, {config.pooling_type} pooling, tracks: {heads}")
+    _report(f"wrote {dest}: channels {config.channels}, {plural(config.num_transformer_layers, 'transformer layer')}, "
+            f"{plural(config.num_heads, 'attention head')}, {config.pooling_type} pooling, tracks: {heads}")
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     cli.main(args=argv, prog_name="enformer-score")

@@ -7,7 +7,7 @@ channels: the gradient at the base present (0 for N, whose one-hot row is all ze
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -17,9 +17,10 @@ from .atomic import atomic_path
 from .errors import InputError
 from .genome import Genome
 from .model import SEQUENCE_LENGTH, Enformer
+from .output import byte_strings
 from .regions import Region, model_input
 from .scoring import precision_mode
-from .targets import require_head
+from .targets import Targets, require_head
 from .windows import one_hot
 
 #: The central three output bins (of 896), around the region's centre: the notebook's choice.
@@ -59,16 +60,19 @@ def contributions(model: Enformer, genome: Genome, region: Region, *, head: str 
 
 def write_contrib(prefix: str | os.PathLike, region: Region, positions: np.ndarray, scores: np.ndarray,
                   sequence: np.ndarray, *, head: str, tracks: Sequence[int], bins: Sequence[int],
-                  objective: float) -> tuple[str, str]:
+                  objective: float, targets: Targets | None = None,
+                  attrs: Mapping | None = None) -> tuple[str, str]:
     """Write ``PREFIX.bedGraph`` and ``PREFIX.h5`` atomically; return their paths.
 
     ``positions`` int64 [L] (increasing), ``scores`` float32 [L], ``sequence`` the bases there as
     ASCII codes uint8 [L]. The bedGraph has a ``track type=bedGraph`` line, then one line per base
-    (``chrom start end value``, value to float32 precision); N bases, which include any padding past
-    the contig ends and score 0 by construction, are left out so every line lies on the contig.
-    The HDF5 file holds ``position`` [L] int64, ``contribution`` [L] float32, ``sequence`` [L] S1,
-    and attributes ``chrom``, ``region_start``, ``region_end``, ``region_name``, ``head``,
-    ``tracks``, ``bins``, ``objective``.
+    (``chrom start end value``, the contig named as the user named it, :attr:`Region.chrom`; value
+    to float32 precision); N bases, which include any padding past the contig ends and score 0 by
+    construction, are left out so every line lies on the contig. The HDF5 file holds ``position``
+    [L] int64, ``contribution`` [L] float32, ``sequence`` [L] S1, with ``targets`` (the chosen
+    tracks) ``target_ids`` and ``target_labels`` [T] S, and attributes ``chrom`` (as given),
+    ``fasta_chrom`` (the FASTA's name), ``region_start``, ``region_end``, ``region_name``, ``head``,
+    ``tracks``, ``bins``, ``objective`` and ``attrs`` (provenance: model, FASTA, options).
     """
     positions = np.asarray(positions, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float32)
@@ -88,9 +92,15 @@ def write_contrib(prefix: str | os.PathLike, region: Region, positions: np.ndarr
                      for p, v in zip(positions[kept].tolist(), scores[kept].tolist(), strict=True))
     with atomic_path(h5) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(chrom=region.chrom, region_start=region.start, region_end=region.end,
-                           region_name=region.name, head=head, tracks=np.asarray(tracks, dtype=np.int64),
-                           bins=np.asarray(bins, dtype=np.int64), objective=float(objective))
+            for key, value in sorted((attrs or {}).items()):
+                f.attrs[key] = value
+            f.attrs.update(chrom=region.chrom, fasta_chrom=region.fasta_chrom, region_start=region.start,
+                           region_end=region.end, region_name=region.name, head=head,
+                           tracks=np.asarray(tracks, dtype=np.int64), bins=np.asarray(bins, dtype=np.int64),
+                           objective=float(objective))
+            if targets is not None:
+                f["target_ids"] = byte_strings(targets.ids)
+                f["target_labels"] = byte_strings(targets.labels)
             f.create_dataset("position", data=positions, compression="gzip", shuffle=True)
             f.create_dataset("contribution", data=scores, compression="gzip", shuffle=True)
             f.create_dataset("sequence", data=sequence.view("S1"), compression="gzip")

@@ -16,13 +16,18 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
+from .atomic import fix_directory_mode
 from .errors import DownloadError, EnformerVepError, WeightsError
 
 _SCHEMES = ("http", "https")
-# Failures of the connection itself, as opposed to HTTP error statuses; all of them leave a resumable .part.
+# Failures of the connection itself, as opposed to HTTP error statuses.
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*$")
 _COPY_CHUNK = 1 << 20
+
+
+class UnreachableError(DownloadError):
+    """The server could not be reached (name resolution, refused connection, timeout...): no byte arrived."""
 
 
 def cache_dir() -> Path:
@@ -57,7 +62,8 @@ def download(
     """Download `url` to `dest` through `dest.part`, resuming an existing .part with a Range request.
 
     `dest` only appears once the whole file arrived (and matched the announced size, if any).
-    Raises DownloadError; after a network failure the .part is kept so that running again resumes.
+    Raises DownloadError (UnreachableError when the server cannot be reached); when a transfer breaks
+    after some bytes arrived, the .part is kept so that running again resumes, and the message says so.
     """
     _check_scheme(url)
     dest = Path(dest)
@@ -98,6 +104,7 @@ def extract_savedmodel(archive: Path, dest_dir: Path) -> Path:
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent))
         try:
+            fix_directory_mode(tmp)  # mkdtemp makes it 0700: a shared cache must stay readable
             for member, rel in selected:
                 target = tmp.joinpath(*rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +126,8 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, chunk_size: 
     headers = {"User-Agent": "enformer-vep", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    redirects = _HttpOnlyRedirects()
+    opener = urllib.request.build_opener(redirects)
     try:
         resp = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -129,7 +137,7 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, chunk_size: 
                 return _content_range(e.headers.get("Content-Range"))[1] == offset
             raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     except _NETWORK_ERRORS as e:
-        raise _interrupted(url, part, e) from e
+        raise _unreachable(url, redirects.target or url, part, e) from e
     with resp:
         length = _header_int(resp.headers.get("Content-Length"))
         if resp.status == 206:
@@ -169,12 +177,20 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, chunk_size: 
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but only to http(s): urllib would also follow one to ftp://."""
+    """Follow redirects, but only to http(s): urllib would also follow one to ftp://. `target` is the
+    last URL redirected to (None without redirects), so that errors name the host that failed."""
+
+    def __init__(self):
+        super().__init__()
+        self.target: str | None = None
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urllib.parse.urlsplit(newurl).scheme.lower() not in _SCHEMES:
             raise DownloadError(f"cannot download {req.full_url}: it redirects to non-HTTP URL {newurl}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        request = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if request is not None:
+            self.target = request.full_url
+        return request
 
 
 def _check_scheme(url: str) -> None:
@@ -203,10 +219,43 @@ def _header_int(value: str | None) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
+def _kept(part: Path) -> int:
+    """Bytes in `part`; an empty `part` is removed (nothing to resume, nothing to mention)."""
+    try:
+        size = part.stat().st_size
+    except OSError:
+        return 0
+    if size == 0:
+        part.unlink(missing_ok=True)
+    return size
+
+
+def _unreachable(url: str, target: str, part: Path, reason: BaseException) -> DownloadError:
+    """No response from the server: name resolution, connection or the request itself failed."""
+    host = urllib.parse.urlsplit(target).hostname or target
+    redirected = f" (it redirected to {target})" if target != url else ""
+    cause = reason.reason if isinstance(reason, urllib.error.URLError) else reason
+    # "Name or service not known" rather than "[Errno -2] Name or service not known"
+    detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else _one_line(reason)
+    if isinstance(cause, http.client.HTTPException):
+        what = f"{host} sent no HTTP answer ({detail})"
+    else:
+        what = f"{host} could not be reached ({detail})"
+    kept = _kept(part)
+    if kept:  # a .part from an earlier, broken transfer: it stays for the next attempt
+        return UnreachableError(f"cannot download {url}{redirected}: {what}; the first {kept} bytes, "
+                                f"from an earlier attempt, are kept in {part}: run again to resume")
+    return UnreachableError(f"cannot download {url}{redirected}: {what}")
+
+
 def _interrupted(url: str, part: Path, reason: object) -> DownloadError:
-    kept = part.stat().st_size if part.is_file() else 0
-    return DownloadError(f"download of {url} interrupted ({_one_line(reason)}); "
-                         f"{kept} bytes kept in {part}, run again to resume")
+    """The transfer broke after the server answered: keep what arrived, if anything, for a resume."""
+    kept = _kept(part)
+    if not kept:
+        return DownloadError(f"cannot download {url}: the connection broke before any data arrived "
+                             f"({_one_line(reason)}); run again to retry")
+    return DownloadError(f"download of {url} interrupted ({_one_line(reason)}); the first {kept} bytes "
+                         f"are kept in {part}: run again to resume")
 
 
 def _unreadable(archive: Path, error: BaseException) -> WeightsError:

@@ -24,3 +24,8 @@ def preview(names: Iterable[str], limit: int = 5) -> str:
     """The first ``limit`` names, comma-separated, and how many there are when there are more."""
     names = list(names)
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 file``, ``2 files`` (``words``: an irregular plural), with thousands separated."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"

@@ -50,7 +50,8 @@ class Genome:
             raise InputError(f"cannot read the FASTA {self.path}: {e.strerror}") from e
         self.bgzf = head[:2] == _GZIP_MAGIC
         if self.bgzf and _bgzf_header(head) is None:
-            raise InputError(f"{self.path} is gzip-compressed but not BGZF: gunzip it or recompress it with `bgzip`")
+            raise InputError(f"{self.path} is gzip-compressed but not BGZF: `enformer-score index {self.path}` "
+                             f"recompresses it with bgzip (or gunzip it)")
         self._fasta: pysam.FastaFile | None = None
         self._open_files()
         # The first block starts the data; the .gzi lists the others.
@@ -204,7 +205,7 @@ class Genome:
             _close_quietly(self._reader)
             self._reader, self._cached = BGZFile(self.path, "rb"), (-1, b"")  # a failed reader keeps failing
             raise InputError(f"{self.path} is corrupt: BGZF block at byte {coffsets[i]} cannot be inflated "
-                             f"(htslib: {e}); recompress the FASTA with `bgzip`") from e
+                             f"(htslib: {e}); recompress the FASTA with `enformer-score index {self.path}`") from e
         return self._cached
 
     # -- index checks ----------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ class Genome:
             block_size = _bgzf_header(head)
             if block_size is None or coffset + block_size > size:
                 raise InputError(f"{self.path} is not BGZF throughout (no BGZF block at byte {coffset}): "
-                                 f"recompress it with `bgzip`")
+                                 f"recompress it with `enformer-score index {self.path}`")
             block_end = coffset + block_size
             tail = os.pread(self._file.fileno(), 4 + _BGZF_HEADER, block_end - 4)
             isize = int.from_bytes(tail[:4], "little")
@@ -443,15 +444,15 @@ def _parse_fai(content: bytes, fasta: str) -> dict[bytes, tuple[int, int, int, i
             length, offset, line_bases, line_width = (int(x) for x in fields[1:5])
         except ValueError:
             raise InputError(f"malformed FASTA index {path} (line {number}); delete it and rerun, or run "
-                             f"`samtools faidx`") from None
+                             f"`enformer-score index FASTA`") from None
         if length < 0 or offset < 0 or (length and not 0 < line_bases < line_width):
             raise InputError(f"malformed FASTA index {path} (line {number}); delete it and rerun, or run "
-                             f"`samtools faidx`")
+                             f"`enformer-score index FASTA`")
         if fields[0] in records:
             raise _stale(path, fasta, f"line {number} repeats the name {fields[0].decode('utf-8', 'replace')!r}")
         records[fields[0]] = (length, offset, line_bases, line_width)
     if not records:
-        raise InputError(f"the FASTA index {path} is empty; delete it and rerun, or run `samtools faidx`")
+        raise InputError(f"the FASTA index {path} is empty; delete it and rerun, or run `enformer-score index FASTA`")
     return records
 
 
@@ -459,7 +460,7 @@ def _parse_gzi(content: bytes, path: str) -> tuple[list[int], list[int]]:
     """(compressed, uncompressed) offsets of the block starts, the implicit first block (0, 0) included."""
     count = int.from_bytes(content[:8], "little") if len(content) >= 8 else -1
     if count < 0 or len(content) != 8 + 16 * count:
-        raise InputError(f"malformed BGZF index {path}; delete it and rerun, or run `samtools faidx`")
+        raise InputError(f"malformed BGZF index {path}; delete it and rerun, or run `enformer-score index FASTA`")
     pairs = np.frombuffer(content, dtype="<u8", offset=8).reshape(count, 2)
     return [0, *pairs[:, 0].tolist()], [0, *pairs[:, 1].tolist()]
 
@@ -467,8 +468,8 @@ def _parse_gzi(content: bytes, path: str) -> tuple[list[int], list[int]]:
 def _stale(index: str, fasta: str, why: str) -> InputError:
     """The one-line refusal of an index that no longer describes its FASTA."""
     return InputError(f"{index} does not match the FASTA {fasta} ({why}): the FASTA changed after the index was "
-                      f"made; rebuild it with `samtools faidx {fasta}` or delete {index} (it is rebuilt "
-                      f"automatically)")
+                      f"made; rebuild it with `enformer-score index {fasta}` (or `samtools faidx {fasta}`), or delete "
+                      f"{index} (it is rebuilt automatically)")
 
 
 class GenomeBlocks:

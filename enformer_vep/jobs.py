@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import re
 from pathlib import Path
 
 import h5py
@@ -11,13 +14,14 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from . import __version__
 from .basenji_data import batches, read_statistics
 from .contrib import DEFAULT_BINS, contributions, write_contrib
 from .errors import InputError
 from .genome import Genome
-from .model import Enformer, EnformerConfig
+from .model import BIN_SIZE, Enformer, EnformerConfig
 from .output import find_variant
-from .plots import MAX_PLOT_TRACKS, plot_contributions, plot_variant, save_figure
+from .plots import MAX_PLOT_TRACKS, n_stretches, plot_contributions, plot_variant, save_figure, track_summary
 from .predict import predict_regions, write_bigwigs, write_predictions_h5
 from .regions import Region, bin_starts, read_regions
 from .scoring import default_device
@@ -25,8 +29,10 @@ from .targets import Targets, head_targets, index_ranges, packaged_targets, requ
 from .text import printable
 from .training import TrainConfig, evaluate, freeze_trunk, replace_head, save_trained, train
 from .variants import resolve_contig
-from .weights import load_model
-from .windows import allele_windows, one_hot
+from .weights import DEFAULT_MODEL_URL, default_model_source, load_model, source_digest
+from .windows import allele_windows, one_hot, ref_matches, window_start
+
+log = logging.getLogger("enformer_vep")
 
 ZOOM_LIMIT = 2_000  # bp: a region up to this long also gets a base-level panel
 
@@ -41,6 +47,12 @@ class ModelChoice:
     targets: str | None = None
     tracks: str | None = None
 
+    @property
+    def source(self) -> str:
+        """The weights these options choose: ``--model``, else the default (``$ENFORMER_VEP_MODEL`` or the
+        official model)."""
+        return str(self.model) if self.model else default_model_source()
+
 
 def one_region(text: str, genome: Genome, command: str) -> Region:
     """The single region of ``text`` (region text or BED file)."""
@@ -50,10 +62,10 @@ def one_region(text: str, genome: Genome, command: str) -> Region:
     return regions[0]
 
 
-def load_head(choice: ModelChoice):
-    """``(model, device, Targets of the chosen head)`` for ``choice``."""
+def load_head(choice: ModelChoice, source: str | None = None):
+    """``(model, device, Targets of the chosen head)`` for ``choice`` (its weights, or ``source``)."""
     device = default_device(choice.device)
-    model = load_model(choice.model, device=device)
+    model = load_model(source or choice.source, device=device)
     return model, device, head_targets(choice.organism, model.config.heads, choice.targets)
 
 
@@ -64,6 +76,29 @@ def load_tracks(choice: ModelChoice):
     return model, device, tracks, targets.subset(tracks)
 
 
+def provenance(source: str, genome: Genome, fasta: str, options: dict) -> dict:
+    """The HDF5 file attributes saying what made an output, as the scoring outputs carry them
+    (docs/spec.md §6.1): ``enformer_vep_version``, ``model_sha256``, ``model_source``, ``fasta`` (absolute),
+    ``fasta_index_sha256`` and ``options`` (JSON of the command's options)."""
+    return {"enformer_vep_version": __version__, "model_sha256": source_digest(source),
+            "model_source": str(source), "fasta": os.path.abspath(fasta),
+            "fasta_index_sha256": genome.index_checksum(), "options": json.dumps(options, sort_keys=True)}
+
+
+def _choice_options(choice: ModelChoice, device) -> dict:
+    return {"tracks": choice.tracks, "organism": choice.organism, "device": str(device),
+            "targets": os.path.abspath(choice.targets) if choice.targets else None}
+
+
+def model_label(source: str, digest: str) -> str:
+    """The weights in a figure: their file (or directory, or URL) name and the start of their SHA-256."""
+    if source == DEFAULT_MODEL_URL:
+        name = "official Enformer"
+    else:
+        name = source.rstrip("/").rsplit("/", 1)[-1] if re.match(r"https?://", source) else Path(source).name
+    return f"{name or source} (sha256 {digest[:12]})"
+
+
 def predict_job(spec: str, fasta: str, out: str, choice: ModelChoice, *, batch_size: int = 2,
                 bigwig_dir: str | None = None) -> int:
     """``enformer-score predict``: predictions of every region of ``spec`` (region text or BED) into the
@@ -71,12 +106,15 @@ def predict_job(spec: str, fasta: str, out: str, choice: ModelChoice, *, batch_s
     genome = Genome(fasta)
     regions = read_regions(spec, genome.contigs)
     model, device, tracks, targets = load_tracks(choice)
+    options = {"command": "predict", "regions": str(spec), "batch_size": batch_size,
+               "bigwig": str(bigwig_dir) if bigwig_dir else None} | _choice_options(choice, device)
+    attrs = provenance(choice.source, genome, fasta, options)
     results = predict_regions(model, genome, regions, head=choice.organism, tracks=tracks, device=device,
                               batch_size=batch_size)
     if bigwig_dir:
         results = list(results)  # both writers read them
         write_bigwigs(bigwig_dir, results, targets, genome.contigs, columns=tracks)
-    return write_predictions_h5(out, results, targets)
+    return write_predictions_h5(out, results, targets, attrs)
 
 
 def parse_bins(text: str | None) -> np.ndarray | None:
@@ -100,14 +138,65 @@ def contrib_job(region_text: str, fasta: str, prefix: str, choice: ModelChoice, 
     region = one_region(region_text, genome, "contrib")
     model, device, tracks, targets = load_tracks(choice)
     chosen_bins = parse_bins(bins)
+    options = {"command": "contrib", "region": str(region_text), "bins": bins} | _choice_options(choice, device)
+    attrs = provenance(choice.source, genome, fasta, options)
     positions, scores, objective = contributions(model, genome, region, head=choice.organism, tracks=tracks,
                                                  bins=chosen_bins, device=device)
-    sequence = genome.fetch(region.chrom, int(positions[0]), int(positions[-1]) + 1)
+    sequence = genome.fetch(region.fasta_chrom, int(positions[0]), int(positions[-1]) + 1)
     bedgraph, h5 = write_contrib(prefix, region, positions, scores, sequence, head=choice.organism,
                                  tracks=tracks.tolist(),
                                  bins=(DEFAULT_BINS if chosen_bins is None else chosen_bins).tolist(),
-                                 objective=objective)
+                                 objective=objective, targets=targets, attrs=attrs)
     return bedgraph, h5, targets
+
+
+def _run_record(scores_dir: str) -> dict:
+    """What a finished run (already verified) was made with: ``run.json`` (``model_sha256``, ``options``)
+    and its HDF5 files' ``model_source``."""
+    directory = Path(scores_dir)
+    try:
+        record = json.loads((directory / "run.json").read_text())
+        done = json.loads((directory / "done.json").read_text())
+        first = next(name for name in done["files"] if name.endswith(".h5"))
+        with h5py.File(directory / first, "r") as f:
+            record["model_source"] = str(f.attrs["model_source"])
+        record["model_sha256"] = str(record["model_sha256"])
+    except (OSError, ValueError, KeyError, StopIteration) as error:
+        raise InputError(f"{scores_dir}: cannot tell which model the run used ({error}): rerun its command") from None
+    return record
+
+
+def _run_model(run: dict, scores_dir: str, given: str | None) -> tuple[str, str]:
+    """``(source, sha256)`` of the weights a run was scored with: ``given`` (``--model``) when its checksum
+    is the run's, else the run's own source, else ``$ENFORMER_VEP_MODEL``, when theirs is; refused otherwise."""
+    wanted, recorded = run["model_sha256"], run["model_source"]
+    what = f"the model {scores_dir} was scored with ({recorded}, sha256 {wanted[:12]})"
+    if given:
+        digest = source_digest(given)
+        if digest != wanted:
+            raise InputError(f"--model {given} (sha256 {digest[:12]}) is not {what}: pass those weights with --model, "
+                             f"or leave --model out to use the run's")
+        return str(given), digest
+    candidates = [recorded] if re.match(r"https?://", recorded) or Path(recorded).exists() else []
+    default = default_model_source()
+    if default != DEFAULT_MODEL_URL and Path(default).exists():  # $ENFORMER_VEP_MODEL, a local copy
+        candidates.append(default)
+    tried = []
+    for source in dict.fromkeys(candidates):
+        digest = source_digest(source)
+        if digest == wanted:
+            return source, digest
+        tried.append(f"{source} has sha256 {digest[:12]}")
+    found = "; ".join(tried) if tried else "those weights are not at hand here"
+    raise InputError(f"plot variant --scores predicts with {what}, but {found}: pass those weights with --model")
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based rank of each value by decreasing absolute value (ties in column order)."""
+    order = np.argsort(-np.abs(values), kind="stable")
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    return ranks
 
 
 def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *, scores_dir: str | None = None,
@@ -115,23 +204,47 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
     """``enformer-score plot variant``: ref, alt and alt - ref of the chosen tracks over the 896 bins
     around ``variant`` (``chr:pos:ref:alt``, or with ``scores_dir`` also a VCF ID of that run), computed
     with the model. Without --tracks and with ``scores_dir``: the ``top`` tracks of largest |SAD| in the
-    run. Returns the figure (2 axes per track)."""
+    run. With ``scores_dir`` the predictions use the run's model (refused when the weights at hand are
+    other ones) and each panel shows the track's SAD and rank in the run. REF must match the FASTA.
+    Returns the figure (2 axes per track)."""
     genome = Genome(fasta)
+    run = None
     if scores_dir:
         row = find_variant(scores_dir, variant)
-        chrom, pos, ref, alt, name = row["chrom"], row["pos"], row["ref"], row["alt"], printable(row["snp"])
+        chrom, pos, ref, alt, snp = row["chrom"], row["pos"], row["ref"], row["alt"], printable(row["snp"])
+        variant_id = None if snp in (".", f"{chrom}:{pos}") else snp
+        run = _run_record(scores_dir)
+        organism = run.get("options", {}).get("organism", "human")
+        if organism != choice.organism:
+            raise InputError(f"{scores_dir} scored the {organism} head: add --organism {organism}")
     else:
         parts = variant.split(":")
-        if len(parts) != 4 or not parts[1].isdigit():
+        if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) < 1:
             raise InputError(f"expected the variant as CHR:POS:REF:ALT (or --scores DIR with its ID), not {variant!r}")
-        chrom, pos, ref, alt, name = parts[0], int(parts[1]), parts[2].upper(), parts[3].upper(), variant
+        chrom, pos, ref, alt, variant_id = parts[0], int(parts[1]), parts[2].upper(), parts[3].upper(), None
+    for name, allele in (("REF", ref), ("ALT", alt)):
+        if not allele or set(allele.upper()) - set("ACGTN"):
+            raise InputError(f"{name} {allele!r} of {variant}: plot variant takes alleles of A, C, G, T and N")
     fasta_chrom = resolve_contig(chrom, genome.contigs)
     if fasta_chrom is None:
         raise InputError(f"contig {chrom} is not in {fasta}")
-    model, device, targets = load_head(choice)
+    matches, bases = ref_matches(genome, fasta_chrom, pos, ref)
+    if not matches:
+        if run is not None and run.get("options", {}).get("ref_mismatch") == "score":
+            log.warning("REF %s of %s:%d differs from the FASTA (%s); the run scored it anyway (--ref-mismatch "
+                        "score), and so does the figure, from the FASTA's bases", ref, chrom, pos, bases)
+        else:
+            raise InputError(f"REF {ref} of {chrom}:{pos} does not match {fasta}, which has {bases} there: check "
+                             f"the position, the alleles and the genome build")
+    if run is not None:
+        source, digest = _run_model(run, scores_dir, choice.model)
+    else:
+        source = choice.source
+        digest = source_digest(source)
+    model, device, targets = load_head(choice, source)
     if choice.tracks is not None:
         tracks = select_tracks(choice.tracks, targets)
-    elif scores_dir and "SAD" in row["stats"]:
+    elif run is not None and "SAD" in row["stats"]:
         column = {identifier: i for i, identifier in enumerate(targets.ids)}
         strongest = np.argsort(-np.abs(row["stats"]["SAD"]), kind="stable")[:top]
         tracks = np.array([column[row["target_ids"][i]] for i in strongest])
@@ -140,38 +253,73 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
                          "tracks)")
     if len(tracks) > MAX_PLOT_TRACKS:
         raise InputError(f"--tracks chose {len(tracks)} tracks; a plot shows at most {MAX_PLOT_TRACKS}")
+    ids = [targets.ids[i] for i in tracks]
+    notes = [""] * len(tracks)
+    if run is not None and "SAD" in row["stats"]:
+        sad, ranks = row["stats"]["SAD"], _ranks(row["stats"]["SAD"])
+        where = {identifier: i for i, identifier in enumerate(row["target_ids"])}
+        notes = [f"SAD {float(sad[where[t]]):+.3g}, rank {ranks[where[t]]} of {len(sad)}" if t in where
+                 else "not scored in the run" for t in ids]
     windows = np.stack(allele_windows(genome, fasta_chrom, pos, ref, alt))
     with torch.inference_mode():
         x = torch.from_numpy(one_hot(windows)).to(device)
         columns = torch.from_numpy(tracks).to(device)
         predictions = model.predict_tracks(x, choice.organism, columns).float().cpu().numpy()
+    starts = bin_starts(pos)
+    shown = slice(starts[0] - window_start(pos), starts[-1] + BIN_SIZE - window_start(pos))
     labels = [targets.labels[i] for i in tracks]
-    figure = plot_variant(predictions[0], predictions[1], bin_starts(pos), labels, chrom=chrom, pos=pos, ref_allele=ref,
-                          alt_allele=alt, variant_id=name)
+    figure = plot_variant(predictions[0], predictions[1], starts, labels, chrom=chrom, pos=pos, ref_allele=ref,
+                          alt_allele=alt, variant_id=variant_id, model=model_label(source, digest), track_ids=ids,
+                          notes=notes, gaps=n_stretches(windows[0][shown], int(starts[0])))
     save_figure(figure, out)
     return figure
+
+
+def _contrib_file(path: str, region: Region, genome: Genome) -> dict:
+    """Positions, scores, bases and description of a ``contrib`` HDF5 file, refused unless it holds ``region``."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            chrom, start, end = str(attrs["chrom"]), int(attrs["region_start"]), int(attrs["region_end"])
+            data = {"positions": f["position"][:], "scores": f["contribution"][:],
+                    "sequence": f["sequence"][:].view(np.uint8),
+                    "labels": [t.decode() for t in f["target_labels"][:]] if "target_labels" in f else None}
+    except (OSError, KeyError) as error:
+        raise InputError(f"{path} is not an output of `enformer-score contrib` ({error})") from None
+    if (resolve_contig(chrom, genome.contigs), start, end) != (region.fasta_chrom, region.start, region.end):
+        raise InputError(f"{path} holds the contribution scores of {chrom}:{start + 1}-{end}, not of "
+                         f"{region.chrom}:{region.start + 1}-{region.end}: give its region, or compute the scores "
+                         f"with --tracks instead of --from-h5")
+    data["model"] = (model_label(str(attrs["model_source"]), str(attrs["model_sha256"]))
+                     if "model_sha256" in attrs else None)
+    data["tracks"] = len(np.atleast_1d(attrs.get("tracks", [])))
+    return data
 
 
 def plot_contrib_job(region_text: str, fasta: str, out: str, choice: ModelChoice, *, bins: str | None = None,
                      from_h5: str | None = None) -> Figure:
     """``enformer-score plot contrib``: contribution scores over the window centred on REGION (computed,
-    or read from a ``contrib`` HDF5 file), with a base-level zoom on REGION when it is at most
-    :data:`ZOOM_LIMIT` bp. Returns the figure."""
+    or read from a ``contrib`` HDF5 file, which must hold REGION), with a base-level zoom on REGION when
+    it is at most :data:`ZOOM_LIMIT` bp. Returns the figure."""
     genome = Genome(fasta)
     region = one_region(region_text, genome, "plot contrib")
     if from_h5:
-        with h5py.File(from_h5, "r") as f:
-            positions, scores = f["position"][:], f["contribution"][:]
-        title = f"{region.name}: contribution scores from {from_h5}"
+        data = _contrib_file(from_h5, region, genome)
+        positions, scores, sequence = data["positions"], data["scores"], data["sequence"]
+        shown = track_summary(data["labels"]) if data["labels"] else f"{data['tracks']} tracks"
+        title = f"{region.name}: gradient x input for {shown} (from {Path(from_h5).name})"
+        model_name = data["model"]
     else:
         if choice.tracks is None:
             raise InputError("plot contrib needs --tracks (or --from-h5 with the output of `contrib`)")
         model, device, tracks, targets = load_tracks(choice)
         positions, scores, _ = contributions(model, genome, region, head=choice.organism, tracks=tracks,
                                              bins=parse_bins(bins), device=device)
-        shown = ", ".join(targets.labels[:3]) + (f" and {len(targets) - 3} more" if len(targets) > 3 else "")
-        title = f"{region.name}: gradient x input for {shown}"
-    sequence = genome.fetch(region.chrom, int(positions[0]), int(positions[-1]) + 1)
+        sequence = genome.fetch(region.fasta_chrom, int(positions[0]), int(positions[-1]) + 1)
+        title = f"{region.name}: gradient x input for {track_summary(targets.labels)}"
+        model_name = model_label(choice.source, source_digest(choice.source))
+    if model_name:
+        title += f"\nmodel: {model_name}"
     zoom = None
     if region.end - region.start <= ZOOM_LIMIT and positions[0] <= region.start and region.end <= positions[-1] + 1:
         zoom = (region.start, region.end)

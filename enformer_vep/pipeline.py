@@ -20,15 +20,24 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import EnformerVepError, InputError
+from .errors import EnformerVepError, InputError, plural, preview
 from .genome import Genome, GenomeBlocks
 from .rundir import RunDirectory
 from .scoring import STATISTICS, VariantScorer, default_device, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
 from .targets import Targets, head_targets, select_tracks
-from .variants import Allele, Skip, contig_length_differences, open_vcf, read_variants
+from .text import from_bytes
+from .variants import (
+    UNKNOWN_CONTIG,
+    Allele,
+    Skip,
+    canonical_selection,
+    contig_length_differences,
+    open_vcf,
+    read_variants,
+)
 from .vcf_index import index_record_counts
-from .vcf_out import write_annotated_vcf
+from .vcf_out import check_vcf_out_path, write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
 from .windows import allele_windows, ref_matches
 
@@ -67,6 +76,7 @@ class ScoreOptions:
     overwrite: bool = False
     checkpoint_every: int = 1024
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
+    max_ref_mismatch: float = 0.1  # stop when more of the first REF_SAMPLE alleles mismatch the FASTA
 
     def head_tracks(self, heads: dict[str, int]) -> tuple[Targets, np.ndarray]:
         """The scored head's track table and the columns ``tracks`` chooses (int64 ``[T]``)."""
@@ -75,9 +85,11 @@ class ScoreOptions:
 
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
-        keep = ("regions", "chroms", "pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse",
-                "compile", "organism", "targets", "percentiles", "checkpoint_every", "prefix")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        keep = ("pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse", "compile", "organism",
+                "targets", "percentiles", "checkpoint_every", "prefix")
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        # the records selected, named as the VCF names them: `1:1-9` and `chr1:1-9` are one setting
+        return settings | {"regions": canonical_selection(self.vcf, self.regions, self.chroms), "chroms": []}
 
 
 @dataclasses.dataclass
@@ -89,6 +101,7 @@ class Summary:
     seconds: float
     files: dict
     contig_lengths: list = dataclasses.field(default_factory=list)  # variants.contig_length_differences
+    already_done: bool = False  # the run was complete (done.json verified) before this call
 
     @classmethod
     def from_done(cls, done: dict, out: Path, seconds: float) -> Summary:
@@ -98,10 +111,24 @@ class Summary:
         return cls(counts["scored"], collections.Counter(counts["skipped"]), counts["ref_mismatch_scored"],
                    counts["clipped"], seconds, files)
 
+    @property
+    def ref_mismatches(self) -> tuple[int, int]:
+        """(alleles whose REF differs from the FASTA, alleles whose REF was checked)."""
+        skipped = self.skipped.get(REF_MISMATCH, 0)
+        return skipped + self.ref_mismatch_scored, self.scored + skipped
+
     def lines(self) -> list[str]:
-        rate = self.scored / self.seconds if self.seconds > 0 else float("nan")
-        out = [f"scored {self.scored} variant alleles in {self.seconds:.1f} s ({rate:.2f} variants/s)"]
+        if self.already_done:
+            out = [f"the run was already complete (done.json verified): nothing was redone; "
+                   f"{plural(self.scored, 'variant allele')} scored"]
+        else:
+            rate = self.scored / self.seconds if self.seconds > 0 else float("nan")
+            out = [f"scored {plural(self.scored, 'variant allele')} in {self.seconds:.1f} s ({rate:.2f} variants/s)"]
         out += [f"skipped {n}: {reason}" for reason, n in sorted(self.skipped.items())]
+        mismatched, checked = self.ref_mismatches
+        if checked:
+            out.append(f"REF differs from the FASTA for {mismatched} of {plural(checked, 'allele')} "
+                       f"({mismatched / checked:.2%})")
         if self.ref_mismatch_scored:
             out.append(f"scored despite a REF mismatch: {self.ref_mismatch_scored}")
         out += [f"{name}: {n} values clipped to the float16 range" for name, n in self.clipped.items() if n]
@@ -112,7 +139,7 @@ class Summary:
 
 def _length_message(difference: dict) -> str:
     return (f"contig {difference['vcf']}: the VCF header says {difference['vcf_length']:,} bp, the FASTA's "
-            f"{difference['fasta']} has {difference['fasta_length']:,} bp (another assembly?)")
+            f"{difference['fasta']} has {difference['fasta_length']:,} bp (a slice of it, or another assembly?)")
 
 
 def _default_prefix(vcf: str) -> str:
@@ -130,24 +157,35 @@ def _model_digest(model) -> str:
     return digest.hexdigest()
 
 
-class _Progress:
-    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
+PROGRESS_EVERY = 30.0  # seconds between progress lines without a terminal
 
-    def __init__(self, enabled: bool | None, total: int | None, every: float = 30.0):
-        self.bar = tqdm(total=total, unit="record", desc="scoring",
+
+class _Progress:
+    """Records done (scored, or found staged): a tqdm bar on a terminal; otherwise, unless disabled,
+    a log line every ``every`` seconds from a timer, also while one long batch runs."""
+
+    def __init__(self, enabled: bool | None, total: int | None, every: float | None = None):
+        self.bar = tqdm(total=total, unit=" records", desc="scoring", unit_scale=False,
                         disable=not (sys.stderr.isatty() if enabled is None else enabled))
-        self.enabled = enabled is not False
-        self.every, self.count, self.start, self.last = every, 0, time.monotonic(), time.monotonic()
+        self.total, self.count, self.start = total, 0, time.monotonic()
+        self._stop = threading.Event()
+        self._timer = None
+        if self.bar.disable and enabled is not False:
+            self._timer = threading.Thread(target=self._report, args=(every or PROGRESS_EVERY,), daemon=True)
+            self._timer.start()
 
     def update(self, n: int = 1) -> None:
         self.count += n
         self.bar.update(n)
-        now = time.monotonic()
-        if self.bar.disable and self.enabled and now - self.last >= self.every:
-            self.last = now
-            log.info("processed %d records (%.1f/s)", self.count, self.count / (now - self.start))
+
+    def _report(self, every: float) -> None:
+        while not self._stop.wait(every):
+            elapsed = time.monotonic() - self.start
+            of = f" of {self.total:,}" if self.total else ""
+            log.info("scored %s%s records (%.1f/s, %.0f s)", f"{self.count:,}", of, self.count / elapsed, elapsed)
 
     def close(self) -> None:
+        self._stop.set()
         self.bar.close()
 
 
@@ -158,7 +196,7 @@ def resolve_devices(devices: tuple[str, ...]) -> list[str]:
         if count == 0:
             raise InputError("--devices all: no CUDA device is visible")
         return [f"cuda:{i}" for i in range(count)]
-    return list(devices)
+    return [default_device(device) for device in devices]
 
 
 def score_vcf(options: ScoreOptions, model=None) -> Summary:
@@ -186,20 +224,18 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         nothing scored. ``OSError`` for a full disk (rerun to resume).
     """
     started = time.monotonic()
+    # every input and option is checked before the model loads and anything is scored
+    _check_options(options)
     genome = Genome(options.fasta)
     devices = resolve_devices(options.devices) if options.devices else [default_device(options.device)]
     if model is not None and len(devices) > 1:
         raise InputError("an in-memory model runs on one device; pass --model to use several")
     part = None
-    if options.vcf_out and options.shard:
-        raise InputError("--vcf-out annotates a whole run: give it to `enformer-score merge` instead of the shards")
-    if options.vcf_out and "SAD" not in options.stats:
-        raise InputError("--vcf-out needs SAD among --stats")
     if options.shard:
         layout = record_layout(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
         part = shard_part(layout, options.checkpoint_every, *options.shard)
-    # opened first: a bad VCF, index or region fails before the model loads
     read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
+    _check_ref_mismatch_rate(options, genome)
     length_differences = contig_length_differences(options.vcf, genome.contigs)
     for difference in length_differences:
         log.warning(_length_message(difference))
@@ -230,6 +266,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
                           "statistics": json.dumps({k: STATISTICS[k] for k in options.stats})}
 
     done = run.completed()
+    already_done = done is not None
     if done is None:
         if len(devices) == 1:
             blocks = _score_part(options, part, devices[0], 0, 1, run, model=model, progress=options.progress)
@@ -240,13 +277,19 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
             "shard": [part.shard, part.shards], "layout": [list(c) for c in layout.contigs],
             "layout_sha256": layout.digest(), "checkpoint_every": options.checkpoint_every,
             "blocks": sorted([chrom, index] for chrom, index in part.blocks)}
+        extra["vcf_out"] = os.path.abspath(options.vcf_out) if options.vcf_out else None  # --overwrite removes it
         done = run.finish(blocks, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles,
                           extra=extra)
     summary = Summary.from_done(done, run.out, time.monotonic() - started)
-    summary.contig_lengths = length_differences
+    summary.contig_lengths, summary.already_done = length_differences, already_done
     if summary.scored == 0:
-        detail = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "the VCF holds no records"
+        selected = "the selected regions and contigs hold" if options.regions or options.chroms else "the VCF holds"
+        detail = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or f"{selected} no records"
         if part is None:
+            run.withdraw()  # a run that scored nothing is not a finished run
+            if set(summary.skipped) == {UNKNOWN_CONTIG}:
+                detail += (f"; the VCF's records lie on {preview(_skipped_contigs(run.out / 'skipped.tsv'))}, "
+                           f"the FASTA has {preview(genome.contigs)}")
             raise InputError(f"no variant was scored ({detail}); see {run.out / 'skipped.tsv'}")
         log.warning("shard %d/%d scored no variant (%s)", part.shard, part.shards, detail)
     if options.vcf_out:  # rebuilt on every run: cheap, and never stale
@@ -264,8 +307,52 @@ def _checked(item: Allele | Skip, genome: Genome, policy: str) -> tuple[Allele |
     if policy == "error":
         raise InputError(f"REF mismatch at {item.chrom}:{item.pos}: VCF has {item.ref}, FASTA has {fasta_ref} "
                          f"(--ref-mismatch skip|score to go on)")
-    return Skip(item.chrom, item.pos, item.id, item.ref, item.alt, f"REF mismatch (FASTA has {fasta_ref})",
+    return Skip(item.chrom, item.pos, item.id, item.ref, item.alt, f"{REF_MISMATCH} (FASTA has {fasta_ref})",
                 item.record), True
+
+
+REF_MISMATCH = "REF mismatch"
+REF_SAMPLE = 1_000  # alleles whose REF is checked before scoring starts
+
+
+def _check_options(options: ScoreOptions) -> None:
+    """Refuse option combinations and output paths before any work is done."""
+    if options.vcf_out:
+        if options.shard:
+            raise InputError("--vcf-out annotates a whole run: give it to `enformer-score merge` instead of the "
+                             "shards")
+        if "SAD" not in options.stats:
+            raise InputError("--vcf-out needs SAD among --stats")
+        check_vcf_out_path(options.vcf_out)
+    if not 0 <= options.max_ref_mismatch <= 1:
+        raise InputError(f"--max-ref-mismatch is a fraction from 0 to 1, not {options.max_ref_mismatch}")
+
+
+def _check_ref_mismatch_rate(options: ScoreOptions, genome: Genome) -> None:
+    """Stop before scoring when REF differs from the FASTA for more than ``max_ref_mismatch`` of the
+    first :data:`REF_SAMPLE` alleles (at least 5 of them): a FASTA of another assembly would
+    otherwise be scored, half its alleles skipped and the rest on the wrong sequence."""
+    if options.max_ref_mismatch >= 1:
+        return
+    checked = mismatched = 0
+    for item in read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms,
+                              pass_only=options.pass_only):
+        if isinstance(item, Allele):
+            checked += 1
+            mismatched += not ref_matches(genome, item.fasta_chrom, item.pos, item.ref)[0]
+            if checked == REF_SAMPLE:
+                break
+    if mismatched >= 5 and mismatched > options.max_ref_mismatch * checked:
+        raise InputError(f"REF differs from the FASTA for {mismatched} of the first {plural(checked, 'allele')} "
+                         f"({mismatched / checked:.0%}): the FASTA is probably not the assembly the VCF was called "
+                         f"on (check both; hg19/GRCh37 vs hg38/GRCh38?); --max-ref-mismatch 1 scores anyway")
+
+
+def _skipped_contigs(path: Path) -> list[str]:
+    """The contigs of the rows in ``skipped.tsv``, in order of first appearance."""
+    with open(path, "rb") as f:
+        next(f)
+        return list(dict.fromkeys(from_bytes(line.split(b"\t", 1)[0]) for line in f))
 
 
 def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: int, workers: int,
@@ -303,6 +390,7 @@ class _Block:
     index: int
     in_part: bool  # one of the blocks this run (or shard) covers
     mine: bool  # in the part, this worker's, and not staged yet
+    records: int = 0  # records read into this block
     rows: list = dataclasses.field(default_factory=list)
     skips: list = dataclasses.field(default_factory=list)
     mismatched: int = 0
@@ -323,14 +411,13 @@ def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, 
 
     def flush(block: _Block) -> None:
         if block.mine:
-            _score_chunk(run, scorer, window_thread, blocks_reader, block)
+            _score_chunk(run, scorer, window_thread, blocks_reader, block, progress)
 
     last_record, block = -1, None
     try:
         for item in variants:
             if item.record != last_record:
                 last_record = item.record
-                progress.update()
                 index = seen[item.chrom] // size
                 seen[item.chrom] += 1
                 block = current.get(item.chrom)
@@ -343,6 +430,9 @@ def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, 
                         blocks.append((item.chrom, index))
                     block = current[item.chrom] = _Block(item.chrom, index, in_part, mine)
                 records += block.in_part
+                block.records += 1
+                if block.in_part and not block.mine:  # staged before, or another worker's
+                    progress.update()
             if not block.mine:
                 continue
             item, mismatch = _checked(item, genome, options.ref_mismatch)
@@ -412,10 +502,11 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
-                 block: _Block) -> None:
+                 block: _Block, progress: _Progress) -> None:
     """Score a block's rows in groups of ``batch_size`` variants and stage it with its skipped rows.
 
     The next group's windows are built on ``window_thread`` while the device scores this one.
+    Progress advances with the groups scored (the block's records in proportion to its rows).
     """
     def windows(group: list[Allele]) -> tuple[np.ndarray, np.ndarray]:
         pairs = [allele_windows(blocks, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
@@ -425,16 +516,21 @@ def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: Thread
     groups = [rows[start:start + size] for start in range(0, len(rows), size)]
     parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     pending = window_thread.submit(windows, groups[0]) if groups else None
+    counted = 0
     for k in range(len(groups)):
         ref, alt = pending.result()
         if k + 1 < len(groups):
             pending = window_thread.submit(windows, groups[k + 1])
         for name, values in scorer.score(ref, alt).items():
             parts[name].append(values)
+        done = block.records * min(len(rows), (k + 1) * size) // len(rows)
+        progress.update(done - counted)
+        counted = done
     stats16, clipped = {}, {}
     for name, values in parts.items():
         stats16[name], clipped[name] = to_float16(np.concatenate(values))
     run.write_chunk(block.chrom, block.index, rows, stats16, clipped, block.skips, block.mismatched)
+    progress.update(block.records - counted)
 
 
 def _indexed_record_count(vcf: str) -> int | None:

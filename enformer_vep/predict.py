@@ -67,19 +67,23 @@ def _predict_batch(model, genome, regions, head, columns, device) -> Iterator[Re
         yield region, window_for(region)[1], values
 
 
-def write_predictions_h5(path: str | os.PathLike, results: Iterable[Result], targets: Targets) -> int:
+def write_predictions_h5(path: str | os.PathLike, results: Iterable[Result], targets: Targets,
+                         attrs: Mapping | None = None) -> int:
     """Write ``results`` (as from :func:`predict_regions`) to HDF5 ``path`` atomically; return the
     number of regions R. ``targets`` describes the T predicted columns, in order.
 
-    Datasets: ``chrom``, ``name`` [R] S; ``start``, ``end`` [R] int64 (the requested region, 0-based
-    half-open); ``bin_start`` [R, 896] int64; ``predictions`` [R, 896, T] float32 (gzip, one chunk
-    per region and up to 256 tracks); ``target_ids``, ``target_labels`` [T] S. Attribute
-    ``bin_size`` = 128. Predictions are streamed to disk, so R is not limited by memory.
+    Datasets: ``chrom`` (the contig as the user named it), ``name`` [R] S; ``start``, ``end`` [R]
+    int64 (the requested region, 0-based half-open); ``bin_start`` [R, 896] int64; ``predictions``
+    [R, 896, T] float32 (gzip, one chunk per region and up to 256 tracks); ``target_ids``,
+    ``target_labels`` [T] S. Attribute ``bin_size`` = 128, and ``attrs`` (provenance: model, FASTA,
+    options) in sorted order. Predictions are streamed to disk, so R is not limited by memory.
     """
     n_tracks = len(targets)
     regions, bin_starts = [], []
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
+            for key, value in sorted((attrs or {}).items()):
+                f.attrs[key] = value
             f.attrs["bin_size"] = BIN_SIZE
             predictions = f.create_dataset(
                 "predictions", (0, TARGET_LENGTH, n_tracks), maxshape=(None, TARGET_LENGTH, n_tracks),
@@ -113,11 +117,14 @@ def write_bigwigs(directory: str | os.PathLike, results: Iterable[Result], targe
     """One bigWig per track in ``directory`` (created), named by :func:`bigwig_name` from the head
     column (``columns[t]``, default ``t``) and identifier of ``targets[t]``; return their paths.
 
+    ``chrom_sizes`` maps the FASTA's contig names to lengths (:attr:`Genome.contigs`). The header
+    lists the contigs the regions lie on, in ``chrom_sizes`` order, each named as the regions name it
+    (:attr:`Region.chrom`, e.g. 'chr1' for the FASTA's '1'; a contig named two ways takes the name of
+    its first region in ``results``, with a warning).
     Every bin within its contig becomes one entry (a bin that straddles a contig end is cut there;
-    bins outside are left out), sorted by contig (in ``chrom_sizes`` order, the header's) and
-    position. A bigWig holds one value per base, so regions whose bins overlap (they span 114,688
-    bp around each centre, whatever the region's length) are refused. All results are held in
-    memory until written.
+    bins outside are left out), sorted by contig and position. A bigWig holds one value per base,
+    so regions whose bins overlap (they span 114,688 bp around each centre, whatever the region's
+    length) are refused. All results are held in memory until written.
     """
     try:
         import pyBigWig
@@ -128,20 +135,28 @@ def write_bigwigs(directory: str | os.PathLike, results: Iterable[Result], targe
         raise ValueError(f"{len(columns)} columns for {len(targets)} targets")
     order = {chrom: i for i, chrom in enumerate(chrom_sizes)}
     entries = []  # (region, starts, ends, values [bins, T]) of the bins within the contig
+    names: dict[str, Region] = {}  # FASTA contig -> the first region on it (whose name for it the file uses)
+    renamed: set[tuple[str, str]] = set()
     for region, starts, values in results:
-        if region.chrom not in order:
+        if region.fasta_chrom not in order:
             raise InputError(f"region {region.name}: contig {region.chrom!r} is not in the FASTA")
         if values.shape != (len(starts), len(targets)):
             raise ValueError(f"predictions of {region.name} have shape {values.shape}, "
                              f"expected {(len(starts), len(targets))}")
-        size = chrom_sizes[region.chrom]
+        first = names.setdefault(region.fasta_chrom, region)
+        if first.chrom != region.chrom and (region.fasta_chrom, region.chrom) not in renamed:
+            renamed.add((region.fasta_chrom, region.chrom))
+            log.warning("regions %s and %s name one contig two ways (%r and %r): a bigWig has one name per contig, "
+                        "so the bigWigs call it %r", first.name, region.name, first.chrom, region.chrom, first.chrom)
+        size = chrom_sizes[region.fasta_chrom]
         keep = (starts + BIN_SIZE > 0) & (starts < size)
         if keep.any():  # bins that straddle a contig end are cut there
             entries.append((region, np.maximum(starts[keep], 0), np.minimum(starts[keep] + BIN_SIZE, size),
                             values[keep]))
-    entries.sort(key=lambda e: (order[e[0].chrom], int(e[1][0])))
+    entries.sort(key=lambda e: (order[e[0].fasta_chrom], int(e[1][0])))
+    header = [(names[contig].chrom, int(size)) for contig, size in chrom_sizes.items() if contig in names]
     for (a, _, a_ends, _), (b, b_starts, _, _) in itertools.pairwise(entries):
-        if a.chrom == b.chrom and b_starts[0] < a_ends[-1]:
+        if a.fasta_chrom == b.fasta_chrom and b_starts[0] < a_ends[-1]:
             raise InputError(f"regions {a.name} and {b.name} have overlapping output bins (each region's "
                              f"896 bins span {BINS_SPAN:,} bp around its centre), so they cannot share a "
                              f"bigWig: write HDF5 instead, or predict them in separate runs")
@@ -153,9 +168,9 @@ def write_bigwigs(directory: str | os.PathLike, results: Iterable[Result], targe
         with atomic_path(path) as tmp:
             bw = pyBigWig.open(str(tmp), "w")
             try:
-                bw.addHeader([(chrom, int(size)) for chrom, size in chrom_sizes.items()])
+                bw.addHeader(header)
                 for region, starts, ends, values in entries:
-                    bw.addEntries([region.chrom] * len(starts), starts.tolist(), ends=ends.tolist(),
+                    bw.addEntries([names[region.fasta_chrom].chrom] * len(starts), starts.tolist(), ends=ends.tolist(),
                                   values=values[:, t].tolist())
             finally:
                 bw.close()

@@ -22,12 +22,21 @@ BINS_SPAN = TARGET_LENGTH * BIN_SIZE
 
 @dataclass(frozen=True)
 class Region:
-    """``[start, end)`` on FASTA contig ``chrom``, 0-based half-open."""
+    """``[start, end)`` on contig ``chrom``, 0-based half-open.
+
+    ``chrom`` is the contig as the user named it ('chr1'), the name every output and label carries;
+    ``fasta_chrom`` the FASTA's name for it ('1'), where the sequence is read (default: ``chrom``).
+    """
 
     chrom: str
     start: int
     end: int
     name: str
+    fasta_chrom: str = ""
+
+    def __post_init__(self):
+        if not self.fasta_chrom:
+            object.__setattr__(self, "fasta_chrom", self.chrom)
 
 
 def bin_starts(centre: int) -> np.ndarray:
@@ -49,15 +58,17 @@ def model_input(genome: Genome, region: Region) -> tuple[int, np.ndarray]:
     reads (fetching the flanks it crops away would only cost time); N outside the contig."""
     window_start, _ = window_for(region)
     start = window_start + (HUB_SEQUENCE_LENGTH - SEQUENCE_LENGTH) // 2
-    return start, genome.fetch(region.chrom, start, start + SEQUENCE_LENGTH)
+    return start, genome.fetch(region.fasta_chrom, start, start + SEQUENCE_LENGTH)
 
 
 def read_regions(spec: str | os.PathLike, fasta_contigs: Mapping[str, int]) -> list[Region]:
     """Regions from ``spec``: a BED file path (0-based half-open, tab-separated, optional 4th column
     the name; 'track', 'browser', '#' and blank lines skipped) or a region text 'chr1:1,000-2,000'
     (1-based inclusive; 'chr1' is the whole contig). ``fasta_contigs`` maps FASTA contig names to
-    lengths (:attr:`Genome.contigs`); 'chr1'/'1' aliases resolve to the FASTA's name, which the
-    regions carry. The default name is ``chrom:start1-end`` (1-based inclusive)."""
+    lengths (:attr:`Genome.contigs`); 'chr1'/'1' aliases resolve to the FASTA's name
+    (:attr:`Region.fasta_chrom`, where the sequence is read) while :attr:`Region.chrom` keeps the name
+    as given, for every output. The default name is ``chrom:start1-end`` (1-based inclusive, the
+    contig as given)."""
     if os.path.isfile(spec):
         return _read_bed(os.fspath(spec), fasta_contigs)
     text = os.fspath(spec)
@@ -68,9 +79,14 @@ def read_regions(spec: str | os.PathLike, fasta_contigs: Mapping[str, int]) -> l
     if end == CONTIG_END:  # 'chr1' or 'chr1:1000-': to the contig's end
         end = fasta_contigs[contig]
     if start1 > fasta_contigs[contig]:
-        raise InputError(f"region {text!r} starts after the end of contig {contig!r} "
+        raise InputError(f"region {text!r} starts after the end of contig {_named(chrom, contig)} "
                          f"({fasta_contigs[contig]:,} bp)")
-    return [Region(contig, start1 - 1, end, f"{contig}:{start1}-{end}")]
+    return [Region(chrom, start1 - 1, end, f"{chrom}:{start1}-{end}", contig)]
+
+
+def _named(given: str, contig: str) -> str:
+    """A contig in messages: the name given, and the FASTA's when it differs."""
+    return repr(given) if given == contig else f"{given!r} (FASTA {contig!r})"
 
 
 def _contig(name: str, fasta_contigs: Mapping[str, int], where: str) -> str:
@@ -98,12 +114,13 @@ def _read_bed(path: str, fasta_contigs: Mapping[str, int]) -> list[Region]:
                                  f"{fields[2]!r}") from None
             if start < 0 or end <= start:
                 raise InputError(f"{where}: need 0 <= START < END (0-based, half-open), got {start} and {end}")
-            contig = _contig(fields[0], fasta_contigs, where)
+            chrom = fields[0]
+            contig = _contig(chrom, fasta_contigs, where)
             if start >= fasta_contigs[contig]:
-                raise InputError(f"{where}: START {start} is past the end of contig {contig!r} "
+                raise InputError(f"{where}: START {start} is past the end of contig {_named(chrom, contig)} "
                                  f"({fasta_contigs[contig]:,} bp)")
-            name = fields[3].strip() if len(fields) > 3 and fields[3].strip() else f"{contig}:{start + 1}-{end}"
-            regions.append(Region(contig, start, end, name))
+            name = fields[3].strip() if len(fields) > 3 and fields[3].strip() else f"{chrom}:{start + 1}-{end}"
+            regions.append(Region(chrom, start, end, name, contig))
     if not regions:
         raise InputError(f"{path}: no regions (a BED file with CHROM START END [NAME] lines was expected)")
     return regions

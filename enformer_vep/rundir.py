@@ -72,6 +72,24 @@ def verify_done(directory: str | Path, what: str | None = None) -> dict:
     return done
 
 
+def settings_diff(before: Mapping, now: Mapping) -> str:
+    """What differs between two run fingerprints, as ``name: before -> now``; the command's options
+    (the ``options`` entry) by their own names."""
+    def flat(fingerprint: Mapping) -> dict:
+        out = {k: v for k, v in fingerprint.items() if k != "options"}
+        out.update({f"--{k.replace('_', '-')}": v for k, v in (fingerprint.get("options") or {}).items()})
+        return out
+
+    a, b = flat(before), flat(now)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in changed)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = "(none)" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def read_done(out: Path) -> dict | None:
     """:func:`verify_done`, or None (with a warning saying why) for a run that is not finished."""
     if not (Path(out) / DONE).is_file():
@@ -118,7 +136,15 @@ class RunDirectory:
         return sorted(self.out.glob(f"{glob.escape(self.prefix)}.*.h5"))
 
     def clear(self) -> None:
-        """Remove every result of a previous run here (not run.json: the next one is written anyway)."""
+        """Remove every result of a previous run here, the annotated VCF its ``done.json`` records
+        included (not run.json: the next one is written anyway)."""
+        try:
+            annotated = json.loads((self.out / DONE).read_text()).get("vcf_out")
+        except (OSError, ValueError, AttributeError):
+            annotated = None
+        if annotated:
+            for path in (Path(annotated), Path(annotated + ".tbi")):
+                path.unlink(missing_ok=True)
         for path in self._outputs() + [self.out / "skipped.tsv", self.out / DONE]:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.work, ignore_errors=True)
@@ -129,11 +155,17 @@ class RunDirectory:
         if previous is None and (self._outputs() or self.work.exists()):
             previous = {"unknown": "output files without run.json"}
         if previous is not None and previous != self.fingerprint:
-            changed = sorted(k for k in set(previous) | set(self.fingerprint)
-                             if previous.get(k) != self.fingerprint.get(k))
-            raise InputError(f"{self.out} holds a run made with different settings ({', '.join(changed)}): "
-                             f"rerun the same command to resume it, add --overwrite to start afresh, "
-                             f"or choose another output directory")
+            what = "finished run" if (self.out / DONE).is_file() else "unfinished run"
+            action = ("add --overwrite to replace it" if what == "finished run" else
+                      "rerun its own command to resume it, add --overwrite to start afresh")
+            changed = settings_diff(previous, self.fingerprint)
+            raise InputError(f"{self.out} holds a {what} made with other settings ({changed}): {action}, or "
+                             f"choose another output directory")
+
+    def withdraw(self) -> None:
+        """Take back the completion record of a run that turned out unusable (it scored nothing):
+        the directory is then unfinished, and a rerun redoes it."""
+        (self.out / DONE).unlink(missing_ok=True)
 
     def completed(self) -> dict | None:
         """The verified completion record of a finished run (leftover staging removed), or None.

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .errors import InputError
 from .model import HUB_SEQUENCE_LENGTH, SEQUENCE_LENGTH
 from .windows import ONE_HOT_TABLE, reverse_complement
 
@@ -91,8 +92,27 @@ def stage(name: str):
 
 
 def default_device(name: str | None = None) -> str:
-    """``name``, or by default cuda when a GPU is visible, else cpu."""
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """``name``, checked, or by default cuda when a GPU is visible, else cpu.
+
+    Raises :class:`InputError` for a name torch does not know or a CUDA device this torch cannot
+    use (a CPU-only build, no GPU visible, an index beyond the visible GPUs)."""
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps...)") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise InputError(f"--device {name}: this torch {torch.__version__} is a CPU-only build; install a "
+                             f"CUDA build of torch, or use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InputError(f"--device {name}: no CUDA device is visible (CUDA_VISIBLE_DEVICES, driver?)")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {name}: only {count} CUDA device{'s' if count > 1 else ''} visible "
+                             f"(cuda:0..cuda:{count - 1})")
+    return name
 
 
 def default_precision(device: torch.device) -> str:

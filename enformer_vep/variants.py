@@ -181,6 +181,22 @@ def contig_length_differences(path, fasta_contigs: dict[str, int]) -> list[dict]
     return out
 
 
+def canonical_selection(path, regions: Sequence[str] = (), chroms: Sequence[str] = ()) -> list[str]:
+    """What ``regions`` and ``chroms`` select, as merged spans in the VCF's contig naming and order
+    (``chr1:100-2000``; a whole contig as ``chr1``), so that two selections of the same records
+    (``1:100-2000`` and ``chr1:100-2000``, or overlapping pieces) read alike."""
+    spans = [parse_region(text) for text in regions] + [(name, 1, CONTIG_END) for name in chroms]
+    if not spans:
+        return []
+    vcf = open_vcf(path)
+    try:
+        names = list(vcf.seqnames)
+    finally:
+        vcf.close()
+    return [name if (start, end) == (1, CONTIG_END) else f"{name}:{start}-{end}"
+            for name, start, end in merge_spans(spans, names, path)]
+
+
 def open_records(path, *, regions: Sequence[str] = (), chroms: Sequence[str] = ()) -> tuple[VCF, Iterator]:
     """The open file and its cyvcf2 records: all in file order, or those whose POS lies in
     ``regions``/``chroms`` (through the index, overlaps merged, in VCF order)."""
@@ -274,11 +290,10 @@ def _check_indexed(path: str) -> None:
     kind = _sniff(path)
     if kind == "plain":
         raise InputError(f"regions need a bgzip-compressed, indexed VCF; {path} is not compressed: "
-                         f"run `bgzip {path}` then `tabix -p vcf {path}.gz`")
+                         f"`enformer-score index {path}` writes {path}.gz and its index (as bgzip and tabix would)")
     if kind == "gzip":
         raise InputError(f"{path} is gzip- but not bgzip-compressed, so it cannot be indexed for regions: "
-                         f"recompress it with `zcat {path} | bgzip > NEW.vcf.gz` and index it with "
-                         "`tabix -p vcf NEW.vcf.gz`")
+                         f"`enformer-score index {path}` recompresses it with bgzip and indexes it")
     is_bcf = kind == "bgzf-bcf"
     # cyvcf2 picks the index reader (tabix vs BCF) from the file name, and the wrong one returns nothing.
     if is_bcf != path.endswith(".bcf"):
@@ -286,10 +301,10 @@ def _check_indexed(path: str) -> None:
                          f"{'not ' if is_bcf else ''}named .bcf; rename it to use regions")
     if is_bcf and not os.path.exists(path + ".csi"):
         raise InputError(f"regions need an index, but {path}.csi does not exist: "
-                         f"make one with `bcftools index {path}`")
+                         f"make one with `enformer-score index {path}` (or `bcftools index {path}`)")
     if not is_bcf and not (os.path.exists(path + ".tbi") or os.path.exists(path + ".csi")):
         raise InputError(f"regions need an index, but neither {path}.tbi nor {path}.csi exists: "
-                         f"make one with `tabix -p vcf {path}` or `bcftools index {path}`")
+                         f"make one with `enformer-score index {path}` (or `tabix -p vcf {path}`)")
 
 
 def merge_spans(spans: list[tuple[str, int, int]], vcf_contigs: list[str],

@@ -196,7 +196,8 @@ def check_vcf_index(path: str, header_contigs: list[str]) -> None:
         index_path = path + suffix
         if not os.path.exists(index_path):
             continue
-        rebuild = f"tabix -f -p vcf {path}" if suffix == ".tbi" else f"bcftools index -f {path}"
+        tool = f"tabix -f -p vcf {path}" if suffix == ".tbi" else f"bcftools index -f {path}"
+        rebuild = f"`enformer-score index {path}` (or `{tool}`)"
         try:
             data_stat, index_stat = os.stat(path), os.stat(index_path)
         except OSError as error:
@@ -217,12 +218,12 @@ def _verdict(path: str, index_path: str, header_contigs: list[str], rebuild: str
     try:
         index = _read_index(index_path, header_contigs)
     except _UNREADABLE as error:
-        return f"the index {index_path} is unreadable ({error}); rebuild it with `{rebuild}`"
+        return f"the index {index_path} is unreadable ({error}); rebuild it with {rebuild}"
     try:
         _check_data(path, index, len(header_contigs))
     except _Mismatch as mismatch:
         return (f"the index {index_path} does not match {path} ({mismatch}): was the VCF rewritten "
-                f"after indexing? Rebuild it with `{rebuild}`")
+                f"after indexing? Rebuild it with {rebuild}")
     except OSError as error:
         return f"cannot read {path} to check its index {index_path}: {error}"
     return None

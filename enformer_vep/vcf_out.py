@@ -54,6 +54,20 @@ def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list]]:
                 yield key, values
 
 
+PROVENANCE = ("enformer_vep_version", "model_source", "model_sha256", "fasta", "fasta_index_sha256", "options")
+
+
+def provenance_header(attrs: Mapping) -> list[str]:
+    """``##enformer_vep_<key>=value`` meta lines of the scores' provenance (the HDF5 file attributes):
+    version, model source and SHA-256, FASTA and its index checksum, the run's options (JSON)."""
+    lines = []
+    for key in PROVENANCE:
+        if key in attrs:
+            value = attrs[key].decode() if isinstance(attrs[key], bytes) else str(attrs[key])
+            lines.append(f"##{key if key.startswith('enformer_vep') else 'enformer_vep_' + key}={value}")
+    return lines
+
+
 def info_header(labels: Sequence[str]) -> list[str]:
     lines = []
     for name in assay_families(labels):
@@ -65,6 +79,17 @@ def info_header(labels: Sequence[str]) -> list[str]:
     return lines
 
 
+def check_vcf_out_path(dest: str | Path) -> Path:
+    """``dest`` as a Path when it can take the annotated VCF (a ``.vcf.gz`` name in an existing
+    directory), else :class:`InputError`: checked before a run starts, not after it."""
+    dest = Path(dest)
+    if not dest.name.endswith(".gz"):
+        raise InputError(f"--vcf-out {dest}: the annotated VCF is bgzip-compressed; name it .vcf.gz")
+    if not dest.parent.is_dir():
+        raise InputError(f"--vcf-out {dest}: the directory {dest.parent} does not exist")
+    return dest
+
+
 def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *, regions: Sequence[str] = (),
                         chroms: Sequence[str] = ()) -> Path:
     """``dest`` (.vcf.gz, with .tbi): the records of ``vcf`` that the run read (``regions``/``chroms`` as
@@ -73,15 +98,14 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
     Records are copied by htslib (pysam), so every byte we do not set travels unchanged, also text
     that is not UTF-8. Raises :class:`InputError` for an unreadable VCF or rows that do not match it.
     """
-    dest = Path(dest)
-    if not dest.name.endswith(".gz"):
-        raise InputError(f"--vcf-out {dest}: the annotated VCF is bgzip-compressed; name it .vcf.gz")
-    labels, per_file = None, {}
+    dest = check_vcf_out_path(dest)
+    labels, per_file, provenance = None, {}, []
     for chrom, path in files.items():
         with h5py.File(path, "r") as f:
             if "SAD" not in f:
                 raise InputError("--vcf-out needs SAD among --stats")
             labels = labels or [t.decode() for t in f["target_labels"][:]]
+            provenance = provenance or provenance_header(f.attrs)
         per_file[chrom] = _strongest(Path(path))
     if labels is None:
         raise InputError("--vcf-out: no variant was scored")
@@ -95,7 +119,7 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
         raise InputError(f"cannot read {vcf}: {error}") from None
     try:
         header = reader.header.copy()
-        for line in info_header(labels):
+        for line in provenance + info_header(labels):
             header.add_line(line)
         with pysam.VariantFile(str(plain), "w", header=header) as out:
             for rec in _records(reader, vcf, regions, chroms):

@@ -13,12 +13,14 @@ The configuration is always inferred from the tensors.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,8 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, sha256_file
-from .download import cache_dir, extract_savedmodel, fetch
-from .errors import DownloadError, WeightsError
+from .download import UnreachableError, cache_dir, extract_savedmodel, fetch
+from .errors import DownloadError, EnformerVepError, WeightsError
 from .model import Enformer, EnformerConfig
 from .tensor_bundle import TensorBundle
 
@@ -312,16 +314,20 @@ def convert(source: str | Path, dest: str | Path) -> EnformerConfig:
     return config
 
 
+_LOCAL_COPY = ("pass a local copy instead: --model PATH or ENFORMER_VEP_MODEL=PATH (a .safetensors file, "
+               "a SavedModel directory or .tar.gz, a Sonnet checkpoint prefix, or an enformer-pytorch directory)")
+
+
 def _local(source: str) -> Path:
     """A local path for ``source``; URLs are downloaded (resumably) into the cache."""
     if not re.match(r"https?://", source):
         return Path(source)
     try:
         return fetch(source)
+    except UnreachableError as error:
+        raise UnreachableError(f"{error} -- offline? {_LOCAL_COPY}") from None
     except DownloadError as error:
-        raise DownloadError(f"{error} -- offline? pass a local copy instead: --model PATH or "
-                            f"ENFORMER_VEP_MODEL=PATH (a .safetensors file, a SavedModel directory or "
-                            f".tar.gz, a Sonnet checkpoint prefix, or an enformer-pytorch directory)") from None
+        raise DownloadError(f"{error} -- or {_LOCAL_COPY}") from None
 
 
 def _cached_conversion(url: str) -> Path:
@@ -335,7 +341,11 @@ def _cached_conversion(url: str) -> Path:
 def source_digest(source: str | Path) -> str:
     """SHA-256 identifying the weights of ``source``: of the file, of every file of a directory
     or checkpoint prefix (names included), or of the converted file a URL was cached as."""
-    source = str(source)
+    with _naming_origin(source):
+        return _source_digest(str(source))
+
+
+def _source_digest(source: str) -> str:
     path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
     if path.is_file():
         return sha256_file(path)
@@ -348,8 +358,45 @@ def source_digest(source: str | Path) -> str:
     return digest.hexdigest()
 
 
+class _FromEnvironment(str):
+    """A model source read from ``$ENFORMER_VEP_MODEL``: errors about it say where it came from,
+    also when a caller passes it on explicitly (``load_model(default_model_source())``)."""
+
+
 def default_model_source() -> str:
-    return os.environ.get("ENFORMER_VEP_MODEL") or DEFAULT_MODEL_URL
+    """``$ENFORMER_VEP_MODEL``, else :data:`DEFAULT_MODEL_URL`."""
+    value = os.environ.get("ENFORMER_VEP_MODEL")
+    return _FromEnvironment(value) if value else DEFAULT_MODEL_URL
+
+
+@contextlib.contextmanager
+def _naming_origin(source: object) -> Iterator[None]:
+    """Prefix errors about a source taken from ``$ENFORMER_VEP_MODEL`` with ``$ENFORMER_VEP_MODEL=VALUE: ``:
+    a user who never typed the path must learn where it came from. Library errors keep their type; an
+    OSError on a file of the source (permissions...) becomes a WeightsError; other OSErrors (a full
+    disk while converting into the cache) are not the variable's fault and pass unchanged."""
+    if not isinstance(source, _FromEnvironment):
+        yield
+        return
+    value = str(source)
+    try:
+        yield
+    except EnformerVepError as error:
+        raise type(error)(_from_environment(value, str(error))) from error
+    except OSError as error:
+        inside = isinstance(error.filename, (str, os.PathLike)) and not re.match(r"https?://", value) and \
+            os.path.abspath(error.filename).startswith(os.path.abspath(value))  # its files, prefix.index...
+        if not inside or error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise WeightsError(_from_environment(value, f"{error.filename}: {error.strerror or error}")) from error
+
+
+def _from_environment(value: str, message: str) -> str:
+    for shown in (value, str(Path(value))):  # a message that starts with the path itself need not repeat it
+        if message.startswith(shown + ": "):
+            message = message[len(shown) + 2:]
+            break
+    return f"$ENFORMER_VEP_MODEL={value}: {message}"
 
 
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu") -> Enformer:
@@ -361,7 +408,8 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
         Our ``.safetensors``; a TF-Hub SavedModel directory or ``.tar.gz``; a Sonnet checkpoint
         prefix; an enformer-pytorch directory; or an http(s) URL to one of these (downloaded once
         into the cache, resumably, converted once). Default: ``$ENFORMER_VEP_MODEL``, else the
-        official TF-Hub Enformer (``DEFAULT_MODEL_URL``).
+        official TF-Hub Enformer (``DEFAULT_MODEL_URL``); errors about a source from the variable
+        (also as returned by :func:`default_model_source`) start with ``$ENFORMER_VEP_MODEL=VALUE:``.
     device : str or torch.device
         Where the model lives.
 
@@ -377,6 +425,8 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
     DownloadError
         A URL that cannot be fetched or fails verification (the message says how to pass a local copy).
     """
-    source = str(source) if source is not None else default_model_source()
-    path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
-    return build_model(read_state(path)).to(device)
+    source = default_model_source() if source is None else source
+    with _naming_origin(source):
+        source = str(source)
+        path = _cached_conversion(source) if re.match(r"https?://", source) else Path(source)
+        return build_model(read_state(path)).to(device)

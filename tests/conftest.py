@@ -84,6 +84,14 @@ def device(request):
     return torch.device("cpu" if request.param == "cpu" else os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda"))
 
 
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu)])
+def cuda_device(request):
+    """The CUDA device alone, for checks that exist only there (gpu-marked: deselected without one)."""
+    import torch
+
+    return torch.device(os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda"))
+
+
 @pytest.fixture(scope="session")
 def fast_model(tmp_path_factory) -> Path:
     """A very small random Enformer (12 channels, max pooling, the released 5313-track human head)

@@ -12,6 +12,7 @@ from enformer_vep.errors import InputError
 from enformer_vep.genome import Genome
 from enformer_vep.regions import Region, read_regions
 from enformer_vep.scoring import precision_mode
+from enformer_vep.targets import packaged_targets
 from enformer_vep.weights import build_model, convert_official, load_model
 
 FLANK = 1_000  # random bases before and after the fixture's sequence in the test contig
@@ -37,7 +38,7 @@ def test_contributions_match_the_official_input_gradient(official_genome, offici
     model = build_model(convert_official({path: (lambda v=v: v) for path, v in load_fixture_weights().items()}))
     centre = FLANK + 98_304  # the central 196,608 bp of the window then start at FLANK
     (region,) = read_regions(f"Z:{centre - 49}-{centre + 51}", official_genome.contigs)  # 0-based [c-50, c+51)
-    assert (region.chrom, (region.start + region.end) // 2) == ("chrZ", centre)
+    assert (region.chrom, region.fasta_chrom, (region.start + region.end) // 2) == ("Z", "chrZ", centre)
     with precision_mode("fp32", device):  # float32 on CUDA too, where cuDNN would use TF32 by default
         positions, scores, objective = contributions(model.to(device), official_genome, region, tracks=np.array([0]),
                                                      bins=np.arange(443, 453), device=device)
@@ -102,6 +103,25 @@ def test_contribution_files_round_trip(small_run, tmp_path):
         np.testing.assert_array_equal(f["contribution"][:], scores)
         assert f["sequence"].dtype == "S1"
         assert f["sequence"][:].tobytes() == sequence.tobytes()
+
+
+def test_contribution_files_name_the_contig_as_given_and_carry_provenance(small_run, tmp_path):
+    """The region said 'chr1' where the FASTA says '1': the bedGraph and the HDF5 file say 'chr1'."""
+    _, genome, region, tracks, (positions, scores, objective) = small_run
+    given = Region("chr1", region.start, region.end, "chr1:257001-258000", fasta_chrom="1")
+    sequence = genome.fetch(given.fasta_chrom, positions[0], positions[-1] + 1)
+    targets = packaged_targets("human").subset(tracks)
+    attrs = {"model_sha256": "cd" * 32, "fasta_index_sha256": genome.index_checksum()}
+    bedgraph, h5 = write_contrib(tmp_path / "out", given, positions, scores, sequence, head="human", tracks=tracks,
+                                 bins=[447, 448, 449], objective=objective, targets=targets, attrs=attrs)
+    lines = open(bedgraph).read().splitlines()
+    assert 'name="chr1:257001-258000"' in lines[0]
+    assert {line.split("\t")[0] for line in lines[1:]} == {"chr1"}
+    with h5py.File(h5) as f:
+        assert (f.attrs["chrom"], f.attrs["fasta_chrom"], f.attrs["region_name"]) == ("chr1", "1", given.name)
+        assert {k: f.attrs[k] for k in attrs} == attrs
+        assert f["target_ids"][:].tolist() == [b"CNhs10608", targets.ids[1].encode()]
+        assert f["target_labels"][0].decode() == targets.labels[0]
 
 
 def test_bad_tracks_or_bins_are_refused(small_run):

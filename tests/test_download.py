@@ -1,6 +1,7 @@
 """Tests for enformer_vep.download against a local HTTP server (127.0.0.1 only)."""
 import hashlib
 import io
+import os
 import random
 import re
 import socket
@@ -9,8 +10,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from click.testing import CliRunner
 
-from enformer_vep.download import cache_dir, download, extract_savedmodel, fetch
+from enformer_vep.cli import cli
+from enformer_vep.download import UnreachableError, cache_dir, download, extract_savedmodel, fetch
 from enformer_vep.errors import DownloadError, WeightsError
 
 DATA_NAME = "variables/variables.data-00000-of-00001"
@@ -195,13 +198,70 @@ def test_404_names_the_url(server, tmp_path):
     assert files_under(tmp_path) == set()
 
 
-def test_connection_refused_is_a_download_error(tmp_path):
+def closed_port():
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/model.tar.gz"
-    with pytest.raises(DownloadError, match=re.escape(url) + ".*run again"):
+        return s.getsockname()[1]
+
+
+def test_connection_refused_says_the_host_could_not_be_reached(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/model.tar.gz"
+    with pytest.raises(UnreachableError, match=re.escape(url) + ": 127.0.0.1 could not be reached") as exc:
         download(url, tmp_path / "x", progress=False, timeout=TIMEOUT)
+    assert ".part" not in str(exc.value) and "resume" not in str(exc.value)  # no byte came: nothing kept
+    assert files_under(tmp_path) == set()
+
+
+def test_unreachable_with_an_earlier_part_says_it_is_kept(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/model.tar.gz"
+    part = tmp_path / "x.part"
+    part.write_bytes(PAYLOAD[:1000])  # from an earlier, broken transfer
+    with pytest.raises(UnreachableError, match="could not be reached") as exc:
+        download(url, tmp_path / "x", progress=False, timeout=TIMEOUT)
+    assert f"first 1000 bytes, from an earlier attempt, are kept in {part}: run again to resume" in str(exc.value)
+    assert part.read_bytes() == PAYLOAD[:1000]
+
+
+def cli_error(args):
+    """The one `Error:` line the command printed, last (exit status 1; a progress bar may come before)."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()  # the bar redraws itself with \r
+    assert [line for line in lines if "Error" in line] == lines[-1:], result.output
+    assert lines[-1].startswith("Error: "), result.output
+    return lines[-1]
+
+
+def test_unresolvable_host_through_the_cli(tmp_path):
+    """No network needed: `.invalid` never resolves (RFC 2606)."""
+    url = "http://nonexistent.invalid/model.tar.gz"
+    message = cli_error(["convert", url, tmp_path / "out.safetensors"])
+    assert f"cannot download {url}: nonexistent.invalid could not be reached (" in message
+    assert "offline? pass a local copy instead: --model PATH or ENFORMER_VEP_MODEL=PATH" in message
+    assert ".part" not in message and "resume" not in message and "interrupted" not in message
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_transfer_broken_midway_through_the_cli_keeps_the_part(server, tmp_path):
+    cut = len(PAYLOAD) // 3
+    server.cut_after = cut
+    message = cli_error(["convert", server.url, tmp_path / "out.safetensors"])
+    (part,) = (cache_dir() / "downloads").glob("*.part")
+    assert part.read_bytes() == PAYLOAD[:cut]
+    assert f"download of {server.url} interrupted (" in message
+    assert f"the first {cut} bytes are kept in {part}: run again to resume" in message
+    assert "offline?" not in message and "could not be reached" not in message
+    assert "or pass a local copy instead: --model PATH" in message
+
+
+def test_transfer_broken_before_any_byte_keeps_no_part(server, tmp_path):
+    server.cut_after = 0  # headers, then the connection closes
+    with pytest.raises(DownloadError, match="before any data arrived") as exc:
+        download(server.url, tmp_path / "x", progress=False, timeout=TIMEOUT)
+    assert not isinstance(exc.value, UnreachableError)
+    assert ".part" not in str(exc.value) and "resume" not in str(exc.value)
+    assert files_under(tmp_path) == set()
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/model.tar.gz", "model.tar.gz"])
@@ -228,6 +288,29 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == tmp_path / "home" / ".cache" / "enformer-vep"
     assert cache_dir().is_dir()
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_cache_respects_the_umask(server, tmp_path, monkeypatch, umask):
+    """Files and directories of the cache get what `open(..., "w")` and `mkdir` give: a lab-shared
+    cache stays readable by colleagues under umask 022, private under 077."""
+    monkeypatch.setenv("ENFORMER_VEP_CACHE", str(tmp_path / "shared" / "cache"))
+    archive = fetch(server.url, progress=False, timeout=TIMEOUT)
+    extracted = extract_savedmodel(archive, cache_dir() / "savedmodels" / "abc")
+    dirs = [tmp_path / "shared", cache_dir(), archive.parent, extracted.parent, extracted, extracted / "variables"]
+    assert {d.name: mode(d) for d in dirs} == {d.name: 0o777 & ~umask for d in dirs}
+    files = [archive, extracted / "saved_model.pb", extracted / DATA_NAME]
+    assert {f.name: mode(f) for f in files} == {f.name: 0o666 & ~umask for f in files}
 
 
 @pytest.mark.parametrize("mode", ["w:gz", "w"])

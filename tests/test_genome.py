@@ -317,12 +317,12 @@ def test_short_last_line_and_trailing_blank_lines_are_fine(tmp_path):
 
 def test_plain_gzip_is_refused(tmp_path):
     (tmp_path / "t.fa.gz").write_bytes(gzip.compress(b">a\nACGT\n"))
-    with pytest.raises(InputError, match="not BGZF: gunzip it or recompress it with `bgzip`"):
+    with pytest.raises(InputError, match=r"not BGZF: `enformer-score index \S*` recompresses it with bgzip"):
         Genome(tmp_path / "t.fa.gz")
     # BGZF with another gzip subfield beside BC is valid, but htslib takes it for plain gzip and cannot seek in it.
     compressed, _ = bgzip(b">a\nACGT\n", 4, extra_subfield=b"XY\x02\x00hi")
     (tmp_path / "t.fa.gz").write_bytes(compressed)
-    with pytest.raises(InputError, match="not BGZF: gunzip it or recompress it with `bgzip`"):
+    with pytest.raises(InputError, match=r"not BGZF: `enformer-score index \S*` recompresses it with bgzip"):
         Genome(tmp_path / "t.fa.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.fa.gz"]
 
@@ -438,8 +438,9 @@ def refusal(path) -> str:
 def stale_message(index: str, fasta: str, why: str) -> str:
     """A regex for the refusal of ``index`` next to ``fasta`` (file names, not paths) because of ``why`` (a regex)."""
     return (rf"^\S*/{re.escape(index)} does not match the FASTA \S*/{re.escape(fasta)} \({why}\): the FASTA changed "
-            rf"after the index was made; rebuild it with `samtools faidx \S*/{re.escape(fasta)}` or delete "
-            rf"\S*/{re.escape(index)} \(it is rebuilt automatically\)$")
+            rf"after the index was made; rebuild it with `enformer-score index \S*/{re.escape(fasta)}` \(or "
+            rf"`samtools faidx \S*/{re.escape(fasta)}`\), or delete \S*/{re.escape(index)} \(it is rebuilt "
+            rf"automatically\)$")
 
 
 def test_bug_report_header_edited_after_indexing_is_refused(tmp_path):

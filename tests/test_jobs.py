@@ -1,7 +1,13 @@
 """`enformer-score predict` and `contrib` from the command line, checked by value: predictions
 against direct model calls, contributions against the official implementation's gradient."""
+import hashlib
+import json
+import os
+import shutil
+
 import h5py
 import numpy as np
+import pyBigWig
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,9 +15,11 @@ from helpers import DATA, relative_error
 from test_contrib import FLANK, official_genome  # noqa: F401 (a fixture)
 from test_predict import BED_LINES, CENTRES, independent_window
 
+from enformer_vep import __version__
 from enformer_vep.cli import cli
-from enformer_vep.jobs import parse_bins
-from enformer_vep.weights import load_model
+from enformer_vep.genome import Genome
+from enformer_vep.jobs import ModelChoice, parse_bins, plot_contrib_job, plot_variant_job
+from enformer_vep.weights import load_model, save_native
 
 FASTA = DATA / "grch38_chr1_giab_hg002" / "reference.fa"
 
@@ -19,6 +27,28 @@ FASTA = DATA / "grch38_chr1_giab_hg002" / "reference.fa"
 def run(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     return result
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_provenance(attrs, model, fasta, **options):
+    """The provenance attributes every HDF5 output carries (as the scoring outputs do)."""
+    assert attrs["enformer_vep_version"] == __version__
+    assert (attrs["model_sha256"], attrs["model_source"]) == (sha256(model), str(model))
+    assert attrs["fasta"] == os.path.abspath(fasta)
+    with Genome(fasta) as genome:
+        assert attrs["fasta_index_sha256"] == genome.index_checksum()
+    recorded = json.loads(attrs["options"])
+    assert {k: recorded[k] for k in options} == options
+
+
+def one_line_error(result, *parts):
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    for part in parts:
+        assert part in result.output, result.output
 
 
 def test_predict_command_writes_the_model_predictions(tmp_path, fast_model):
@@ -38,7 +68,14 @@ def test_predict_command_writes_the_model_predictions(tmp_path, fast_model):
                 want = model.predict(torch.from_numpy(independent_window(centre))[None])["human"][0][:, cage]
             assert relative_error(f["predictions"][i], want.numpy()) <= 1e-5
             assert f["bin_start"][i, 0] == centre - 57_344
-    assert len(list((tmp_path / "bw").glob("*.bw"))) == 638
+        # the BED's first line says chr1 (the FASTA: 1), its second 1: each row keeps the name it was given
+        assert f["chrom"][:].tolist() == [b"chr1", b"1"]
+        assert_provenance(f.attrs, fast_model, FASTA, command="predict", regions=str(bed), tracks="^CAGE:",
+                          organism="human", batch_size=2, bigwig=str(tmp_path / "bw"))
+    bigwigs = sorted((tmp_path / "bw").glob("*.bw"))
+    assert len(bigwigs) == 638
+    with pyBigWig.open(str(bigwigs[0])) as bw:
+        assert bw.chroms() == {"chr1": 860_893}  # the name of the first region on the contig
 
 
 def test_contrib_command_matches_the_official_gradient(tmp_path, official_genome, official_bundle_dir,  # noqa: F811
@@ -55,6 +92,8 @@ def test_contrib_command_matches_the_official_gradient(tmp_path, official_genome
         np.testing.assert_array_equal(f["position"][:], FLANK + np.arange(196_608))
         scores = f["contribution"][:]
         assert f.attrs["bins"].tolist() == list(range(443, 453))
+        assert_provenance(f.attrs, model, fasta, command="contrib", region=f"chrZ:{centre - 9}-{centre + 10}",
+                          tracks="0", bins="443-452", device="cpu")
     assert relative_error(scores * 10, reference) <= 1e-4  # mean over 10 bins vs the official sum
     lines = (tmp_path / "c.bedGraph").read_text().splitlines()
     assert lines[0].startswith("track type=bedGraph")
@@ -75,6 +114,46 @@ def test_contrib_needs_tracks_and_valid_bins(tmp_path, fast_model):
     assert result.exit_code == 1 and "bins must be" in result.output
 
 
+def test_contrib_and_its_plot_name_the_contig_and_the_tracks_as_given(tmp_path, fast_model):
+    """The FASTA calls chr1 '1'; the user says chr1: so do the files and the figures. 638 CAGE tracks are
+    summarised in the title; a --from-h5 file is plotted only under its own region."""
+    result = run("contrib", "chr1:604300-604400", "--fasta", FASTA, "--model", fast_model, "--device", "cpu",
+                 "--tracks", "^CAGE:", "-o", tmp_path / "c")
+    assert result.exit_code == 0 and "638 tracks" in result.output, result.output
+    lines = (tmp_path / "c.bedGraph").read_text().splitlines()
+    assert 'name="chr1:604300-604400"' in lines[0] and {line.split("\t")[0] for line in lines[1:]} == {"chr1"}
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert (f.attrs["chrom"], f.attrs["fasta_chrom"], f.attrs["region_name"]) == ("chr1", "1", "chr1:604300-604400")
+        assert len(f["target_ids"]) == 638 and all(t.startswith(b"CAGE:") for t in f["target_labels"][:])
+        assert_provenance(f.attrs, fast_model, FASTA, command="contrib", region="chr1:604300-604400",
+                          tracks="^CAGE:", bins=None, organism="human")
+        scores = f["contribution"][:]
+    label = f"fast.safetensors (sha256 {sha256(fast_model)[:12]})"
+
+    computed = plot_contrib_job("chr1:604300-604400", FASTA, tmp_path / "c.png",
+                                ModelChoice(model=str(fast_model), device="cpu", tracks="^CAGE:"))
+    assert computed.get_suptitle() == f"chr1:604300-604400: gradient x input for 638 CAGE tracks\nmodel: {label}"
+    assert [ax.get_xlabel() for ax in computed.axes] == ["chr1 position (bp, 1-based)"] * 2
+    assert [ax.get_title(loc="left") for ax in computed.axes] == ["chr1:506,046-702,653", "chr1:604,300-604,400"]
+
+    # the same region under the FASTA's name is the file's region; labels follow this command's name
+    drawn = plot_contrib_job("1:604,300-604,400", FASTA, tmp_path / "h.png", ModelChoice(), from_h5=tmp_path / "c.h5")
+    assert drawn.get_suptitle() == f"1:604300-604400: gradient x input for 638 CAGE tracks (from c.h5)\nmodel: {label}"
+    assert drawn.axes[0].get_xlabel() == "1 position (bp, 1-based)"
+    np.testing.assert_array_equal(drawn.axes[0].get_lines()[0].get_ydata(), scores)
+
+    for other in ("chr1:604300-604500", "chr1:700000-700100"):
+        result = run("plot", "contrib", other, "--fasta", FASTA, "--from-h5", tmp_path / "c.h5",
+                     "-o", tmp_path / "x.png")
+        one_line_error(result, "holds the contribution scores of chr1:604300-604400", f"not of {other}")
+    assert not (tmp_path / "x.png").exists()
+    assert run("predict", "chr1:604300-604400", "--fasta", FASTA, "--model", fast_model, "--device", "cpu",
+               "--tracks", "0", "-o", tmp_path / "p.h5").exit_code == 0
+    result = run("plot", "contrib", "chr1:604300-604400", "--fasta", FASTA, "--from-h5", tmp_path / "p.h5",
+                 "-o", tmp_path / "x.png")
+    one_line_error(result, "p.h5 is not an output of `enformer-score contrib`")
+
+
 def test_parse_bins():
     assert parse_bins(None) is None
     assert parse_bins("440,447-449,448").tolist() == [440, 447, 448, 449]
@@ -92,21 +171,118 @@ def scored(tmp_path_factory, fast_model):
     return tmp / "out"
 
 
-def test_plot_variant_from_a_scores_run_shows_its_strongest_tracks(tmp_path, fast_model, scored):
-    from enformer_vep.jobs import ModelChoice, plot_variant_job
-
+def test_plot_variant_from_a_scores_run_shows_its_strongest_tracks(tmp_path, fast_model, scored, monkeypatch):
     with h5py.File(scored / "six.chr1.h5", "r") as f:
         pos, ref, alt = int(f["pos"][2]), f["ref"][2].decode(), f["alt"][2].decode()
         sad = f["SAD"][2].astype(np.float32)
         labels = [t.decode() for t in f["target_labels"][:]]
-    strongest = [labels[i] for i in np.argsort(-np.abs(sad), kind="stable")[:3]]
-    figure = plot_variant_job(f"chr1:{pos}", FASTA, tmp_path / "v.png", ModelChoice(model=fast_model, device="cpu"),
+        ids = [t.decode() for t in f["target_ids"][:]]
+    strongest = np.argsort(-np.abs(sad), kind="stable")[:3]
+    # another default model now: the figure must still use the run's (recorded in it, and at hand)
+    other = tmp_path / "other.safetensors"
+    perturbed_copy(fast_model, other)
+    monkeypatch.setenv("ENFORMER_VEP_MODEL", str(other))
+    figure = plot_variant_job(f"chr1:{pos}", FASTA, tmp_path / "v.png", ModelChoice(device="cpu"),
                               scores_dir=scored, top=3)
     assert len(figure.axes) == 6
-    assert [figure.axes[2 * k].get_title(loc="left") for k in range(3)] == strongest
+    assert [figure.axes[2 * k].get_title(loc="left") for k in range(3)] == [labels[i] for i in strongest]
+    assert [figure.axes[2 * k].get_title(loc="right") for k in range(3)] == [
+        f"{ids[i]}   SAD {float(sad[i]):+.3g}, rank {rank} of 5313" for rank, i in enumerate(strongest, 1)]
     assert figure.axes[-1].get_xlim()[0] < pos < figure.axes[-1].get_xlim()[1]
-    assert f"chr1:{pos} {ref}>{alt}" in figure.get_suptitle()
+    # the ID is '.', so the title names the variant once, then the model
+    assert figure.get_suptitle() == (f"chr1:{pos} {ref}>{alt}\n"
+                                     f"model: fast.safetensors (sha256 {sha256(fast_model)[:12]})")
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the run's predictions: the same model, the same numbers (SAD = sum over bins of alt - ref)
+    for k, i in enumerate(strongest):
+        delta = [line for line in figure.axes[2 * k + 1].get_lines() if line.get_label() == "alt - ref"][0]
+        assert float(np.sum(delta.get_ydata()[:-1])) == pytest.approx(float(sad[i]), rel=2e-3, abs=2e-3)
+
+
+def perturbed_copy(model, path):
+    """Other weights of the same shape: ``model`` with one tensor changed."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(model))
+    name = next(k for k in state if k.endswith("weight"))
+    state[name] = state[name] + 0.5
+    save_native(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory, fast_model):
+    """A finished run of the first two GIAB records scored with a copy of the fast model that has since been
+    moved (so the run's recorded source is gone), the moved copy and other weights."""
+    lines = (DATA / "grch38_chr1_giab_hg002" / "input.vcf").read_text().splitlines(keepends=True)
+    tmp = tmp_path_factory.mktemp("moved")
+    (tmp / "two.vcf").write_text("".join([x for x in lines if x.startswith("#")]
+                                         + [x for x in lines if not x.startswith("#")][:2]))
+    shutil.copyfile(fast_model, tmp / "weights.safetensors")
+    result = run(tmp / "two.vcf", "--fasta", FASTA, "--model", tmp / "weights.safetensors", "--device", "cpu",
+                 "-o", tmp / "out")
+    assert result.exit_code == 0, result.output
+    (tmp / "weights.safetensors").rename(tmp / "moved.safetensors")
+    return tmp / "out", tmp / "moved.safetensors", perturbed_copy(fast_model, tmp / "other.safetensors")
+
+
+def test_plot_variant_predicts_with_the_runs_model_or_refuses(tmp_path, moved_run, monkeypatch):
+    out, moved, other = moved_run
+    monkeypatch.delenv("ENFORMER_VEP_MODEL", raising=False)
+    base = ["plot", "variant", "chr1:604358", "--scores", out, "--fasta", FASTA, "--device", "cpu", "--top", "1"]
+    wanted = sha256(moved)
+    recorded = f"{out.parent / 'weights.safetensors'}, sha256 {wanted[:12]}"
+    one_line_error(run(*base, "-o", tmp_path / "a.png"), f"the model {out} was scored with ({recorded})",
+                   "those weights are not at hand here: pass those weights with --model")
+    one_line_error(run(*base, "--model", other, "-o", tmp_path / "a.png"),
+                   f"--model {other} (sha256 {sha256(other)[:12]}) is not the model {out} was scored with")
+    monkeypatch.setenv("ENFORMER_VEP_MODEL", str(other))  # a default that is not the run's model
+    one_line_error(run(*base, "-o", tmp_path / "a.png"), f"{other} has sha256 {sha256(other)[:12]}")
+    assert not (tmp_path / "a.png").exists()
+
+    for choice in (ModelChoice(model=str(moved), device="cpu"), ModelChoice(device="cpu")):
+        monkeypatch.setenv("ENFORMER_VEP_MODEL", str(moved))  # the run's weights, found by their checksum
+        figure = plot_variant_job("chr1:604358", FASTA, tmp_path / "b.png", choice, scores_dir=out, top=1)
+        assert figure.get_suptitle().endswith(f"model: moved.safetensors (sha256 {wanted[:12]})")
+
+
+def test_plot_variant_checks_ref_against_the_fasta(tmp_path, fast_model):
+    base = ["--fasta", FASTA, "--model", fast_model, "--device", "cpu", "--tracks", "0"]
+    one_line_error(run("plot", "variant", "chr1:604358:A:C", *base, "-o", tmp_path / "x.png"),
+                   f"REF A of chr1:604358 does not match {FASTA}, which has G there")
+    one_line_error(run("plot", "variant", "chr1:604358:GTC:G", *base, "-o", tmp_path / "x.png"),
+                   "which has GGT there")
+    one_line_error(run("plot", "variant", "chr1:604358:G:<DEL>", *base, "-o", tmp_path / "x.png"),
+                   "ALT '<DEL>' of chr1:604358:G:<DEL>: plot variant takes alleles of A, C, G, T and N")
+    assert not (tmp_path / "x.png").exists()
+    result = run("plot", "variant", "chr1:604358:g:c", *base, "-o", tmp_path / "ok.png")  # case-insensitive
+    assert result.exit_code == 0, result.output
+
+
+def test_plot_variant_of_an_insertion_next_to_an_assembly_gap(tmp_path, fast_model, scored):
+    """chr1:602113 T>TGCCCA (5 bp inserted); the bins reach into the N run of GRCh38 chr1 ending at 585,988."""
+    import pyfaidx
+
+    figure = plot_variant_job("chr1:602113", FASTA, tmp_path / "ins.png", ModelChoice(device="cpu"),
+                              scores_dir=scored, top=2)
+    assert figure.get_suptitle().splitlines()[0] == "chr1:602113 T>TGCCCA"
+    caption = " ".join(figure.get_supxlabel().split())
+    assert "5-bp insertion" in caption and "lie 5 bp off the reference's (hatched)" in caption
+    assert "Grey: N" in caption
+    first = 602_113 - 57_344  # 0-based start of bin 0
+    bases = str(pyfaidx.Fasta(str(FASTA))["1"][first:first + 114_688])
+    last_n = first + bases.rindex("N") + 1  # 0-based end of the N run
+    assert bases[0] == "N" and "N" not in bases[last_n - first:]
+    for k in range(2):
+        top, bottom = figure.axes[2 * k], figure.axes[2 * k + 1]
+        for ax in (top, bottom):
+            (gap,) = [p for p in ax.patches if p.get_label() == "N (no sequence)"]
+            assert (gap.get_x(), gap.get_x() + gap.get_width()) == (first + 0.5, last_n + 0.5)
+        (hatched,) = [p for p in bottom.patches if p.get_hatch()]
+        assert hatched.get_x() == 602_113 + 0.5  # from the first bin right of the variant's
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["ref", "alt", "variant", "alt > ref", "alt < ref", "N (no sequence)",
+                      "alt bins 5 bp off the ref bins"]
 
 
 def test_plot_commands_write_the_files(tmp_path, fast_model, scored):
@@ -117,7 +293,7 @@ def test_plot_commands_write_the_files(tmp_path, fast_model, scored):
     result = run("plot", "contrib", "chr1:604300-604400", *base, "--tracks", "4675", "-o", tmp_path / "c.png")
     assert result.exit_code == 0 and "2 panels" in result.output, result.output
     result = run("plot", "contrib", "chr1:500000-600000", *base, "--tracks", "4675", "-o", tmp_path / "wide.png")
-    assert result.exit_code == 0 and "1 panels" in result.output, result.output
+    assert result.exit_code == 0 and "1 panel" in result.output, result.output
     result = run("plot", "variant", "chr1:604358", *base, "-o", tmp_path / "x.png")
     assert result.exit_code == 1 and "CHR:POS:REF:ALT" in result.output
     result = run("plot", "variant", "rs_missing", *base, "--scores", scored, "-o", tmp_path / "x.png")

@@ -66,7 +66,7 @@ def test_three_parallel_shards_merge_into_the_single_run_byte_for_byte(runs, tmp
     assert sizes == [16, 12, 2]
     result = merge(runs / "gz3", runs / "gz1", runs / "gz2", "-o", tmp_path / "merged")  # any order
     assert result.exit_code == 0, result.output
-    assert "merged 3 shards: 30 rows into 1 files" in result.output
+    assert "merged 3 shards: 30 rows into 1 file in" in result.output
     for name in OUTPUTS:
         assert (runs / "whole" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes(), name
     skipped = (tmp_path / "merged" / "skipped.tsv").read_text().splitlines()

@@ -80,7 +80,8 @@ def test_resume_keeps_staged_chunks_and_refuses_other_settings(tmp_path):
     run, _, _ = staged_run(tmp_path)
     again = RunDirectory(tmp_path, "p", {"options": {"stats": ["SAD"]}})
     assert again.chunk_done("chr1", 2) and not again.chunk_done("chr1", 3)
-    with pytest.raises(InputError, match=r"different settings \(options\)"):
+    with pytest.raises(InputError, match=r"unfinished run made with other settings \(--stats: \[\"SAD\"\] -> "
+                                         r"\[\"SAR\"\]\): rerun its own command to resume it"):
         RunDirectory(tmp_path, "p", {"options": {"stats": ["SAR"]}})
     fresh = RunDirectory(tmp_path, "p", {"options": {"stats": ["SAR"]}}, overwrite=True)
     assert not fresh.chunk_done("chr1", 0)

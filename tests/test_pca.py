@@ -1,7 +1,9 @@
-"""`enformer-score pca`: principal components of SAD equal an SVD of the centred score matrix, and
-the tabix-indexed tables return each variant's coordinates by region."""
+"""`enformer-score pca`: principal components of SAD equal an SVD of the centred score matrix, by
+either method (streaming covariance for many variants, Gram matrix for few), and the tabix-indexed
+tables return each variant's coordinates by region."""
 import gzip
 import json
+import logging
 
 import h5py
 import numpy as np
@@ -28,7 +30,10 @@ def blocks(request, monkeypatch):
     return request.param
 
 
-LOADINGS, OFFSET = np.random.default_rng(42).normal(size=(3, TRACKS)), 4 * np.random.default_rng(43).normal(size=TRACKS)
+WIDE = 300  # tracks of the few-variants shape, where the Gram matrix is the smaller one
+WIDE_IDS = [f"ENCFF{i:03d}" for i in range(WIDE)]
+FEW = {"chr1": 25, "chr2": 15}
+LOADINGS, OFFSET = np.random.default_rng(42).normal(size=(3, WIDE)), 4 * np.random.default_rng(43).normal(size=WIDE)
 
 
 def low_rank_sad(rng, n, tracks=TRACKS):
@@ -38,10 +43,10 @@ def low_rank_sad(rng, n, tracks=TRACKS):
     return (latent @ LOADINGS[:, :tracks] + 0.3 * rng.normal(size=(n, tracks)) + OFFSET[:tracks]).astype(np.float16)
 
 
-def write_h5(path, chrom, pos, sad, ids=IDS, chroms=None):
+def write_h5(path, chrom, pos, sad, ids=IDS, chroms=None, snps=None):
     """A chromosome file in the layout enformer-score writes; returns its rows."""
     n = len(pos)
-    rows = {"snp": [f"rs_{chrom}_{i}" for i in range(n)], "chr": chroms or [chrom] * n, "pos": np.asarray(pos),
+    rows = {"snp": snps or [f"rs_{chrom}_{i}" for i in range(n)], "chr": chroms or [chrom] * n, "pos": np.asarray(pos),
             "ref": ["ACGT"[i % 4] for i in range(n)], "alt": ["G" * (1 + i % 3) for i in range(n)], "SAD": sad}
     with h5py.File(path, "w") as f:
         for name in ("snp", "chr", "ref", "alt"):
@@ -63,11 +68,13 @@ def write_done(directory, chroms):
     (directory / "done.json").write_text(json.dumps({"files": files, "summary": {"scored": sum(chroms.values())}}))
 
 
-def fake_run(directory, seed=0, sizes=SIZES, ids=IDS, done=True):
-    """A finished run's directory: ``p.CHROM.h5`` per chromosome (sorted positions, with multi-allelic
-    repeats). Returns {chrom: rows}."""
+def fake_run(directory, seed=0, sizes=SIZES, ids=IDS, done=True, run_json=True):
+    """A finished run's directory: ``run.json``, ``p.CHROM.h5`` per chromosome (sorted positions, with
+    multi-allelic repeats). Returns {chrom: rows}."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
+    if run_json:
+        (directory / "run.json").write_text(json.dumps({"vcf": "in.vcf", "options": {}}))
     runs = {}
     for chrom, n in sizes.items():
         pos = np.sort(rng.choice(np.arange(10_000, 5_000_000, 7), size=n))
@@ -125,6 +132,105 @@ def test_max_rows_fits_on_evenly_spaced_rows_of_all_files(tmp_path, blocks):
     np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
     np.testing.assert_allclose(transform.components, components, rtol=0, atol=1e-9)
     np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-10)
+
+
+SHAPES = {"many variants (480 x 30)": (SIZES, IDS), "few variants (40 x 300)": (FEW, WIDE_IDS)}
+
+
+@pytest.mark.parametrize("method", ["auto", "covariance", "gram"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_both_methods_equal_the_svd_of_the_centred_matrix_on_both_shapes(tmp_path, blocks, shape, method):
+    """The streaming covariance and the Gram matrix give numpy's SVD of the centred matrix, on many
+    variants over few tracks and few variants over many, with every component and with max_rows."""
+    sizes, ids = SHAPES[shape]
+    runs = fake_run(tmp_path, sizes=sizes, ids=ids)
+    X = np.concatenate([r["SAD"] for r in runs.values()])
+    for k, max_rows in ((5, None), (min(len(X) - 1, len(ids)), None), (4, 31)):
+        chosen = X if max_rows is None else X[np.arange(max_rows) * len(X) // max_rows]
+        mean, components, variance, ratio, _ = reference_pca(chosen, k)
+        transform = fit_pca(scored_files(tmp_path), components=k, max_rows=max_rows, method=method)
+        scale = variance[0]
+        assert transform.rows == len(chosen) and transform.target_ids == ids
+        np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(transform.components, components, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-9, atol=1e-12 * scale)
+        np.testing.assert_allclose(transform.explained_variance_ratio, ratio, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(k), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, method", [("many variants (480 x 30)", "covariance"),
+                                           ("few variants (40 x 300)", "gram")])
+def test_the_method_fits_the_shape(tmp_path, monkeypatch, caplog, shape, method):
+    """Few variants over many tracks: the eigendecomposition is of the n x n Gram matrix, not the T x T
+    covariance; many variants: of the T x T covariance, accumulated without holding the rows."""
+    sizes, ids = SHAPES[shape]
+    fake_run(tmp_path, sizes=sizes, ids=ids)
+    rows = sum(sizes.values())
+    assert pca.choose_method(rows, len(ids)) == method
+    decomposed, eigh = [], np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: decomposed.append(a.shape) or eigh(a))
+    with caplog.at_level(logging.INFO, logger="enformer_vep"):
+        fit_pca(scored_files(tmp_path), components=3)
+    side = rows if method == "gram" else len(ids)
+    assert decomposed == [(side, side)]
+    assert f"from the {side} x {side} {'Gram matrix' if method == 'gram' else 'covariance'}" in caplog.text
+    assert pca.choose_method(len(ids), len(ids)) == "gram" and pca.choose_method(len(ids) + 1, len(ids)) == "covariance"
+    with pytest.raises(InputError, match=r"unknown PCA method 'svd': choose one of auto, covariance, gram"):
+        fit_pca(scored_files(tmp_path), components=3, method="svd")
+
+
+@pytest.mark.parametrize("method", ["covariance", "gram"])
+def test_fewer_distinct_variants_than_components(tmp_path, method):
+    """Ten variants that are five rows twice: four components carry the variance, and the others are
+    still orthonormal (with zero variance) by either method."""
+    rng = np.random.default_rng(7)
+    sad = np.repeat(low_rank_sad(rng, 5, WIDE), 2, axis=0)
+    write_h5(tmp_path / "p.chr1.h5", "chr1", np.arange(1, 11), sad, ids=WIDE_IDS)
+    mean, components, variance, _, _ = reference_pca(sad, 4)
+    transform = fit_pca([tmp_path / "p.chr1.h5"], components=9, method=method)
+    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(transform.components[:4], components, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(transform.explained_variance[:4], variance, rtol=1e-9)
+    np.testing.assert_allclose(transform.explained_variance[4:], 0, atol=1e-9 * variance[0])
+    np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(9), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["covariance", "gram"])
+def test_undefined_components_are_refused_by_either_method(tmp_path, method):
+    sad = np.ones((6, WIDE), dtype=np.float16)
+    write_h5(tmp_path / "p.same.h5", "chr1", np.arange(1, 7), sad, ids=WIDE_IDS)
+    with pytest.raises(InputError, match=r"SAD is the same for every variant: there are no principal components"):
+        fit_pca([tmp_path / "p.same.h5"], components=2, method=method)
+    sad[3, 7] = np.nan
+    write_h5(tmp_path / "p.nan.h5", "chr1", np.arange(1, 7), sad, ids=WIDE_IDS)
+    with pytest.raises(InputError, match=r"the SAD values hold NaN or infinity: principal components are undefined"):
+        fit_pca([tmp_path / "p.nan.h5"], components=2, method=method)
+
+
+def test_progress_bars_and_log_lines(tmp_path, monkeypatch, capsys, caplog):
+    """A bar on stderr for the pass over the files and for the tables (progress=True, or a terminal);
+    without a bar, log lines: the method, the eigendecomposition, the time, periodic counts."""
+    fake_run(tmp_path / "run", sizes=FEW, ids=WIDE_IDS)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="enformer_vep"):
+        run_pca(tmp_path / "run", tmp_path / "bar", components=3, progress=True)
+    err = capsys.readouterr().err
+    assert "pca: reading SAD: 100%" in err and "pca: writing tables: 100%" in err and "40/40" in err
+    assert "pca: fitting 3 components of SAD on 40 variants x 300 tracks (2 files) from the 40 x 40 Gram" in caplog.text
+    assert "pca: eigendecomposition of the 40 x 40 Gram matrix" in caplog.text
+    assert "pca: fitted in " in caplog.text and "pca: writing 2 tables of PC0..PC2 for 40 variants" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(pca, "LOG_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="enformer_vep"):
+        run_pca(tmp_path / "run", tmp_path / "logs", components=3)  # stderr is no terminal here
+    assert "pca: reading SAD: 25 of 40 variants" in caplog.text and "pca: writing tables: 40 of 40" in caplog.text
+    assert "100%" not in capsys.readouterr().err
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="enformer_vep"):
+        run_pca(tmp_path / "run", tmp_path / "quiet", components=3, progress=False)
+    assert " of 40 variants" not in caplog.text and "100%" not in capsys.readouterr().err
 
 
 def test_tables_return_each_variant_by_region(tmp_path, blocks):
@@ -211,7 +317,8 @@ def test_scores_of_a_real_run(tmp_path):
         for i, p in enumerate(range(250_000, 250_000 + 900 * 9, 900)):
             ref = "".join(seq[p - 1:p + i % 3])  # SNVs and deletions of up to 2 bases
             alt = next(b for b in "ACGT" if b != seq[p - 1]) if i % 3 == 0 else ref[0]
-            records.append(f"{c}\t{p}\tv{c}{i}\t{ref}\t{alt}\t.\tPASS\t.\n")
+            vid = "." if i == 4 else f"v{c}{i}"  # a record without an ID
+            records.append(f"{c}\t{p}\t{vid}\t{ref}\t{alt}\t.\tPASS\t.\n")
     (tmp_path / "in.vcf").write_text("##fileformat=VCFv4.2\n"
                                      + "".join(f"##contig=<ID={c},length=600000>\n" for c in genome)
                                      + "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n" + "".join(records))
@@ -229,13 +336,32 @@ def test_scores_of_a_real_run(tmp_path):
     np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(3), atol=1e-12)
     for c, f in files.items():
         rows = {k: [v.decode() for v in f[k][:]] for k in ("snp", "chr", "ref", "alt")} | {"pos": f["pos"][:]}
-        assert rows["snp"] == [f"v{c}{i}" for i in range(9)]
-        assert_rows(table(tmp_path / "pcs" / f"in.{c}.pc.tsv.gz", c, 249_999, 254_500), rows, np.arange(6),
-                    transform.apply(f["SAD"][:]))
+        missing = f"{c}:{250_000 + 900 * 4}"  # what the run stores for the ID '.'
+        assert rows["snp"] == [missing if i == 4 else f"v{c}{i}" for i in range(9)]
+        lines = table(tmp_path / "pcs" / f"in.{c}.pc.tsv.gz", c, 249_999, 254_500)
+        assert lines[4][2] == "." and [line[2] for line in lines[:4]] == rows["snp"][:4]
+        rows["snp"][4] = "."
+        assert_rows(lines, rows, np.arange(6), transform.apply(f["SAD"][:]))
         f.close()
 
 
 # --- refusals -----------------------------------------------------------------------------------
+
+def test_a_folder_that_is_no_run_is_not_called_unfinished(tmp_path):
+    """A folder without run.json (an empty one, the VCF's, a run's parent) is no enformer-score output;
+    "unfinished" is said only of a run that has its run.json and no done.json."""
+    (tmp_path / "empty").mkdir()
+    fake_run(tmp_path / "runs" / "a")
+    fake_run(tmp_path / "copied", run_json=False)  # score files with a done.json, but no run record
+    for directory in ("empty", "runs", "copied"):
+        with pytest.raises(InputError, match=rf"{directory} is not an enformer-score output directory \(no run.json\): "
+                                             rf"give the -o directory of an enformer-score run, shard or merge"):
+            run_pca(tmp_path / directory, tmp_path / "out")
+        with pytest.raises(InputError, match=r"is not an enformer-score output directory"):
+            write_pc_tables(tmp_path / directory, PcaTransform(np.zeros(30), np.eye(1, 30), np.ones(1), np.ones(1),
+                                                               IDS), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
 
 def test_an_unfinished_or_altered_run_is_refused(tmp_path):
     fake_run(tmp_path / "run", done=False)
@@ -264,7 +390,7 @@ def test_impossible_component_counts_are_refused(tmp_path, sizes, components, me
     fake_run(tmp_path / "run", sizes=sizes)
     with pytest.raises(InputError, match=message):
         run_pca(tmp_path / "run", tmp_path / "out", components=components)
-    assert not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
 
 
 def test_tracks_and_statistics_must_match(tmp_path):
@@ -314,6 +440,105 @@ def test_missing_or_corrupt_transform_files_are_refused(tmp_path):
     assert not list((tmp_path / "out").glob("*.gz"))
 
 
+def test_a_failed_call_leaves_no_output_folder_behind(tmp_path, monkeypatch):
+    """OUT (and parents) are created only to write into: refusals leave none, a failure after creating
+    them removes the still-empty folders made, and a folder that existed, or holds a file, is kept."""
+    fake_run(tmp_path / "run")
+    fake_run(tmp_path / "other", ids=IDS[:29])
+    run_pca(tmp_path / "run", tmp_path / "fitted", components=3)
+    nested = tmp_path / "a" / "b" / "out"
+    failures = [dict(components=40), dict(stat="SAR"), dict(transform_path=tmp_path / "absent.npz"),
+                dict(transform_path=tmp_path / "fitted" / "pca.npz", components=4)]
+    for kwargs in failures:
+        with pytest.raises(InputError):
+            run_pca(tmp_path / "run", nested, **kwargs)
+        assert not (tmp_path / "a").exists()
+    with pytest.raises(InputError, match=r"other tracks than the PCA transform"):
+        run_pca(tmp_path / "other", nested, transform_path=tmp_path / "fitted" / "pca.npz")
+    with pytest.raises(InputError, match=r"other tracks than the PCA transform"):
+        write_pc_tables(tmp_path / "other", PcaTransform.load(tmp_path / "fitted" / "pca.npz"), nested)
+    assert not (tmp_path / "a").exists()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PcaTransform, "save", full_disk)  # fails after creating OUT, before writing into it
+    with pytest.raises(OSError, match="No space left"):
+        run_pca(tmp_path / "run", nested, components=3)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a").mkdir()  # existed before: kept, the folders made inside it are removed
+    with pytest.raises(OSError, match="No space left"):
+        run_pca(tmp_path / "run", nested, components=3)
+    assert list((tmp_path / "a").iterdir()) == []
+    nested.mkdir(parents=True)  # an empty OUT that existed before is kept too
+    with pytest.raises(OSError, match="No space left"):
+        run_pca(tmp_path / "run", nested, components=3)
+    assert nested.is_dir() and list(nested.iterdir()) == []
+    monkeypatch.undo()
+
+    monkeypatch.setattr(pca, "_write_table", full_disk)
+    nested.rmdir()
+    with pytest.raises(OSError, match="No space left"):  # pca.npz written: OUT holds it and stays
+        run_pca(tmp_path / "run", nested, components=3)
+    assert [p.name for p in nested.iterdir()] == ["pca.npz"]
+    with pytest.raises(OSError, match="No space left"):
+        write_pc_tables(tmp_path / "run", PcaTransform.load(nested / "pca.npz"), tmp_path / "c" / "tables")
+    assert not (tmp_path / "c").exists()
+
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "out"):
+        with pytest.raises(InputError, match=r"(exists and is not a directory|cannot create output directory)"):
+            run_pca(tmp_path / "run", out, components=3)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_existing_results_are_kept_unless_overwrite(tmp_path, monkeypatch):
+    """A second fit into the same OUT is refused before any work (pca.npz and the tables kept as they
+    were) unless overwrite=True; so are tables already there when a transform is applied."""
+    fake_run(tmp_path / "run")
+    fake_run(tmp_path / "other", seed=9)
+    out = tmp_path / "out"
+    run_pca(tmp_path / "run", out, components=3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fits = []
+    monkeypatch.setattr(pca, "fit_pca", lambda *a, **k: fits.append(a) or fit_pca(*a, **k))
+    with pytest.raises(InputError, match=rf"{out} already holds pca.npz, p.chr1.pc.tsv.gz, p.chr1.pc.tsv.gz.tbi "
+                                         rf"and 4 more: add --overwrite to replace them, or choose another"):
+        run_pca(tmp_path / "other", out, components=5)
+    assert fits == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "pca.npz").rename(tmp_path / "moved.npz")  # tables alone are protected too
+    with pytest.raises(InputError, match=r"already holds p.chr1.pc.tsv.gz, "):
+        run_pca(tmp_path / "other", out, transform_path=tmp_path / "moved.npz")
+    with pytest.raises(InputError, match=r"already holds p.chr1.pc.tsv.gz, "):
+        write_pc_tables(tmp_path / "other", PcaTransform.load(tmp_path / "moved.npz"), out)
+    (out / "p.chr1.pc.tsv.gz").unlink()
+    (out / "p.chr1.pc.tsv.gz.tbi").unlink()
+    with pytest.raises(InputError, match=r"already holds p.chr2.pc.tsv.gz, "):  # any one of them
+        run_pca(tmp_path / "run", out, components=3)
+    (tmp_path / "moved.npz").rename(out / "pca.npz")
+
+    summary = run_pca(tmp_path / "other", out, components=5, overwrite=True)
+    assert len(fits) == 1 and summary["components"] == 5
+    assert PcaTransform.load(out / "pca.npz").components.shape == (5, TRACKS)
+    assert table(out / "p.chr1.pc.tsv.gz")[0][2] == "rs_chr1_0" and len(table(out / "p.chr1.pc.tsv.gz")[0]) == 10
+    # a transform applied to the directory it came from, over its own tables
+    run_pca(tmp_path / "other", out, transform_path=out / "pca.npz", components=2, overwrite=True)
+    assert len(table(out / "p.chr2.pc.tsv.gz")[0]) == 7
+
+
+def test_a_missing_vcf_id_is_written_as_a_dot(tmp_path):
+    """The scoring run stores CHROM:POS where the VCF ID is '.': the tables write '.' back, for exactly
+    that form (the row's own contig and position); every other ID is written as it is."""
+    pos = np.array([100, 200, 300, 400, 500, 600])
+    snps = ["chr1:100", "rs2", "chr1:301", "chr2:400", "chr1:500:A:G", "chr1:600"]
+    rows = write_h5(tmp_path / "p.chr1.h5", "chr1", pos, low_rank_sad(np.random.default_rng(0), 6), snps=snps)
+    transform = fit_pca([tmp_path / "p.chr1.h5"], components=2)
+    [path] = write_pc_tables([tmp_path / "p.chr1.h5"], transform, tmp_path / "out")
+    assert [line[2] for line in table(path)] == [".", "rs2", "chr1:301", "chr2:400", "chr1:500:A:G", "."]
+    assert [line[2] for line in table(path, "chr1", 99, 100)] == ["."]
+    assert_rows(table(path)[1:2], rows, [1], transform.apply(rows["SAD"]))
+
+
 def test_pca_command_on_a_real_giab_run(tmp_path, fast_model):
     """`enformer-score pca` from the command line on 20 real GIAB variants scored over 40 tracks: the
     tables, queried by region with tabix, hold exactly those variants and their PCs."""
@@ -332,12 +557,14 @@ def test_pca_command_on_a_real_giab_run(tmp_path, fast_model):
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["pca", str(tmp_path / "s"), "-o", str(tmp_path / "pc"), "--components", "3"])
     assert result.exit_code == 0, result.output
-    assert "wrote 1 tables, 20 variants, PC0..PC2 of SAD" in result.output
+    assert "wrote 1 table, 20 variants, PC0..PC2 of SAD" in result.output
     with h5py.File(tmp_path / "s" / "twenty.chr1.h5", "r") as f:
         X, pos = f["SAD"][:].astype(np.float64), f["pos"][:]
         ids = [s.decode() for s in f["snp"][:]]
     want = reference_pca(X, 3)[4]
     rows = table(tmp_path / "pc" / "twenty.chr1.pc.tsv.gz", "chr1", int(pos[4]) - 1, int(pos[9]))
-    assert [r[2] for r in rows] == ids[4:10] and [int(r[1]) for r in rows] == pos[4:10].tolist()
+    assert [int(r[1]) for r in rows] == pos[4:10].tolist()
+    # these GIAB records have no ID: the run stores chr1:POS, the table writes '.' as the VCF does
+    assert ids[4:10] == [f"chr1:{p}" for p in pos[4:10]] and [r[2] for r in rows] == ["."] * 6
     got = np.array([r[5:] for r in rows], dtype=float)
     np.testing.assert_allclose(got, want[4:10], rtol=1e-5, atol=1e-6 * np.abs(want).max())

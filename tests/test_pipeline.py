@@ -392,7 +392,8 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
     vcf = toy_vcf(tmp_path, [("snv", "A", "G")])
     options = dict(vcf=str(vcf), fasta=str(fasta), out_dir=str(tmp_path / "out"), targets=str(targets), progress=False)
     score_vcf(ScoreOptions(**options), model=BaseCounter())
-    with pytest.raises(InputError, match=r"different settings \(options\).*--overwrite"):
+    with pytest.raises(InputError, match=r"holds a finished run made with other settings \(--stats: "
+                                         r"\[\"SAD\", \"SAR\"\] -> \[\"SAD\"\]\): add --overwrite to replace it"):
         score_vcf(ScoreOptions(**options, stats=("SAD",)), model=BaseCounter())
     score_vcf(ScoreOptions(**options, stats=("SAD",), overwrite=True), model=BaseCounter())
     with h5py.File(tmp_path / "out" / "toy.t.h5", "r") as f:
@@ -543,3 +544,125 @@ def test_stale_vcf_index_is_refused_before_scoring(tmp_path, fast_model, selecti
                             *selection)
     assert f"{vcf}.tbi does not match {vcf}" in message and f"tabix -f -p vcf {vcf}" in message
     assert not (tmp_path / "out" / ".partial").exists() or not list((tmp_path / "out" / ".partial").rglob("*.npz"))
+
+
+# --- a new user's mistakes: caught before scoring, said plainly -------------------------------
+
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "enformer_vep", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `Error:` line of a failed command (and nothing that looks like a traceback)."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_a_fasta_of_another_assembly_stops_before_scoring(tmp_path, fast_model):
+    """20 SNVs whose REF the toy FASTA does not have (it holds C there): 100% mismatches stop the run
+    before the model loads (the --model path does not even exist); --max-ref-mismatch 1 scores them
+    anyway, and the summary gives the rate."""
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [])
+    with open(vcf, "a") as f:
+        f.writelines(f"t\t{1000 + 100 * i}\tv{i}\tA\tG\t.\tPASS\t.\n" for i in range(20))
+    message = error_line(cli_subprocess(vcf, "--fasta", fasta, "--model", tmp_path / "absent.safetensors",
+                                        "-o", tmp_path / "out", "--device", "cpu"))
+    assert "REF differs from the FASTA for 20 of the first 20 alleles (100%)" in message
+    assert "another assembly" not in message or True  # wording checked below
+    assert "not the assembly the VCF was called on" in message and "--max-ref-mismatch 1" in message
+    assert not (tmp_path / "out").exists()
+    summary = score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "anyway"), targets=str(targets),
+                                     ref_mismatch="score", max_ref_mismatch=1.0, progress=False), model=BaseCounter())
+    assert summary.scored == 20 and summary.ref_mismatches == (20, 20)
+    assert "REF differs from the FASTA for 20 of 20 alleles (100.00%)" in summary.lines()
+
+
+def test_a_few_ref_mismatches_are_skipped_and_reported(tmp_path):
+    """2 of 12 mismatch (17% but fewer than 5): scored, the rate in the summary."""
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [])
+    with open(vcf, "a") as f:
+        f.writelines(f"t\t{1000 + 100 * i}\tv{i}\t{'A' if i < 2 else 'C'}\tG\t.\tPASS\t.\n" for i in range(12))
+    summary = score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets),
+                                     progress=False), model=BaseCounter())
+    assert summary.scored == 10 and "REF differs from the FASTA for 2 of 12 alleles (16.67%)" in summary.lines()
+
+
+def giab_region_run(tmp_path, fast_model, out, *extra):
+    args = [GIAB / "input.vcf.gz", "--fasta", GIAB / "reference.fa", "--model", fast_model, "--device", "cpu",
+            "--no-progress", "--tracks", "0-9", "-o", out, *extra]
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_rerunning_a_finished_run_redoes_nothing_and_says_so(tmp_path, fast_model):
+    first = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000")
+    assert first.exit_code == 0 and "scored 3 variant alleles in" in first.output, first.output
+    # the same region in the FASTA's naming, and cut in two overlapping pieces: the same setting
+    again = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "1:602000-604000",
+                            "--region", "chr1:603000-605000")
+    assert again.exit_code == 0, again.output
+    assert "the run was already complete (done.json verified): nothing was redone; 3 variant alleles scored" \
+        in again.output and "scored 3 variant alleles in" not in again.output
+
+
+def test_overwrite_removes_the_previous_annotated_vcf(tmp_path, fast_model):
+    annotated = tmp_path / "annotated.vcf.gz"
+    first = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000",
+                            "--vcf-out", annotated)
+    assert first.exit_code == 0 and annotated.is_file() and annotated.with_suffix(".gz.tbi").is_file()
+    refused = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000",
+                              "--stats", "SAR")
+    assert refused.exit_code == 1 and "(--stats: " in refused.output and "add --overwrite to replace it" \
+        in refused.output and "resume" not in refused.output
+    second = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000",
+                             "--stats", "SAR", "--overwrite")
+    assert second.exit_code == 0 and not annotated.exists() and not annotated.with_suffix(".gz.tbi").exists()
+
+
+def test_selections_without_records_and_unknown_contigs_are_said_plainly(tmp_path, fast_model):
+    empty = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:1-1000")
+    assert empty.exit_code == 1 and "the selected regions and contigs hold no records" in empty.output
+    assert not (tmp_path / "out" / "done.json").exists()
+    vcf = tmp_path / "elsewhere.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr1>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chr7\t100\ta\tA\tG\t.\t.\t.\nchrX\t200\tb\tA\tG\t.\t.\t.\n")
+    result = CliRunner().invoke(cli, [str(vcf), "--fasta", str(GIAB / "reference.fa"), "--model", str(fast_model),
+                                      "--device", "cpu", "--no-progress", "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 1 and "the VCF's records lie on chr7, chrX, the FASTA has 1" in result.output
+    assert not (tmp_path / "out2" / "done.json").exists()
+
+
+def test_vcf_out_name_is_refused_before_anything_runs(tmp_path):
+    message = error_line(cli_subprocess(GIAB / "input.vcf.gz", "--fasta", GIAB / "reference.fa", "--model",
+                                        tmp_path / "absent.safetensors", "-o", tmp_path / "out", "--device", "cpu",
+                                        "--vcf-out", tmp_path / "x.vcf"))
+    assert "--vcf-out" in message and "name it .vcf.gz" in message
+    assert not (tmp_path / "out").exists()
+
+
+class SlowCounter(BaseCounter):
+    """BaseCounter taking 0.2 s per batch, so that a run lasts a few progress intervals."""
+
+    def predict_tracks(self, x, head, tracks=None):
+        time.sleep(0.2)
+        return super().predict_tracks(x, head, tracks)
+
+
+def test_progress_lines_come_while_records_are_scored(tmp_path, monkeypatch, caplog):
+    """Without a terminal, a line per interval counts the records scored so far, during the run."""
+    import enformer_vep.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY", 0.3)
+    fasta, targets = toy_genome(tmp_path)
+    vcf = toy_vcf(tmp_path, [(f"v{i}", "A", "G") for i in range(16)])
+    with caplog.at_level("INFO", logger="enformer_vep"):
+        score_vcf(ScoreOptions(str(vcf), str(fasta), str(tmp_path / "out"), targets=str(targets), batch_size=2,
+                               checkpoint_every=16, progress=None), model=SlowCounter())
+    counts = [int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("scored ")
+              and " records (" in r.getMessage()]
+    assert counts == sorted(counts) and len([c for c in counts if 0 < c < 16]) >= 2, counts

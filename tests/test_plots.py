@@ -5,10 +5,19 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 from enformer_vep.errors import InputError
-from enformer_vep.plots import BASE_COLORS, plot_contributions, plot_variant, save_figure
+from enformer_vep.plots import (
+    BASE_COLORS,
+    n_stretches,
+    plot_contributions,
+    plot_variant,
+    reference_coordinates,
+    save_figure,
+    track_summary,
+)
+from enformer_vep.regions import bin_starts
 
 POS = 602_345
-BIN_STARTS = POS - 1 - 57_344 + 128 * np.arange(896, dtype=np.int64)
+BIN_STARTS = bin_starts(POS)  # bin 447 ends with the variant's base, as for scoring (docs/spec.md §3.3)
 LABELS = ["DNASE:liver", "CAGE:brain", "CHIP:CTCF"]
 
 
@@ -30,16 +39,85 @@ def _line(ax, label):
     return line
 
 
+def _caption(fig) -> str:
+    """The figure's caption as one line (it is wrapped to the figure's width)."""
+    return " ".join(fig.get_supxlabel().split())
+
+
+def _legend(fig):
+    (legend,) = fig.legends
+    return legend, [text.get_text() for text in legend.get_texts()]
+
+
 def test_variant_figure_has_two_panels_per_track_titled_by_track_and_variant():
     fig, _, _ = _variant_figure(variant_id="rs1")
     assert len(fig.axes) == 6
     assert [ax.get_title(loc="left") for ax in fig.axes[::2]] == LABELS
     assert fig._suptitle.get_text() == "rs1   chr1:602345 A>G"
-    assert [ax.get_legend() is not None for ax in fig.axes] == [True, False] * 3
-    titled, _, _ = _variant_figure(tracks=1, title="Study X", variant_id=".")
+    assert [ax.get_legend() for ax in fig.axes] == [None] * 6  # one legend for the figure, none on the data
+    assert _legend(fig)[1] == ["ref", "alt", "variant", "alt > ref", "alt < ref"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["predicted signal", "alt - ref"] * 3
+    titled, _, _ = _variant_figure(tracks=1, title="Study X", variant_id=".", model="enformer.safetensors (sha256 ab)")
     assert len(titled.axes) == 2
-    assert titled._suptitle.get_text() == "Study X\nchr1:602345 A>G"
+    assert titled._suptitle.get_text() == "Study X\nchr1:602345 A>G\nmodel: enformer.safetensors (sha256 ab)"
     assert titled.get_figheight() < fig.get_figheight()
+
+
+def test_variant_panels_carry_track_identifiers_and_notes():
+    fig, _, _ = _variant_figure(track_ids=["ENCFF1", "CNhs2", "ENCFF3"], notes=["SAD +0.5, rank 1 of 9", "", ""])
+    assert [ax.get_title(loc="right") for ax in fig.axes[::2]] == ["ENCFF1   SAD +0.5, rank 1 of 9", "CNhs2", "ENCFF3"]
+    assert [ax.get_title(loc="right") for ax in fig.axes[1::2]] == [""] * 3
+    with pytest.raises(InputError, match="2 track ids and 3 notes for 3 tracks"):
+        _variant_figure(track_ids=["a", "b"], notes=["", "", ""])
+
+
+def test_variant_legend_matches_the_drawn_ref_and_alt_and_stays_off_the_data():
+    fig, _, _ = _variant_figure()
+    legend, texts = _legend(fig)
+    for k in range(3):
+        top = fig.axes[2 * k]
+        assert len(top.collections) == 0  # no shading under the lines that the legend would not show
+        ref, alt = _line(top, "ref"), _line(top, "alt")
+        # ref and alt differ in colour and in line style, so they are told apart even without colour
+        assert ref.get_color() != alt.get_color() and ref.get_linestyle() != alt.get_linestyle()
+    drawn = {text: handle for text, handle in zip(texts, legend.legend_handles, strict=True)}
+    top = fig.axes[0]
+    for label in ("ref", "alt", "variant"):
+        assert drawn[label].get_color() == _line(top, label).get_color()
+        assert drawn[label].get_linestyle() == _line(top, label).get_linestyle()
+    gain, loss = [c for c in fig.axes[1].collections if isinstance(c, PolyCollection)]
+    np.testing.assert_allclose(drawn["alt > ref"].get_facecolor(), gain.get_facecolor()[0])
+    np.testing.assert_allclose(drawn["alt < ref"].get_facecolor(), loss.get_facecolor()[0])
+    fig.draw_without_rendering()
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+
+
+def test_n_stretches_are_shaded_and_explained():
+    gaps = [(int(BIN_STARTS[0]) - 1_000, int(BIN_STARTS[10]) + 5), (POS + 2_000, POS + 3_000), (10, 20)]
+    fig, _, _ = _variant_figure(gaps=gaps)
+    first_edge = BIN_STARTS[0] + 0.5
+    for ax in fig.axes:
+        shaded = [p for p in ax.patches if p.get_label() == "N (no sequence)"]
+        spans = sorted((p.get_x(), p.get_x() + p.get_width()) for p in shaded)
+        # cut to the axis; the gap outside the bins (10-20) is not drawn
+        assert spans == [(first_edge, BIN_STARTS[10] + 5.5), (POS + 2_000.5, POS + 3_000.5)]
+    assert "N (no sequence)" in _legend(fig)[1]
+    assert "Grey: N" in _caption(fig)
+    plain, _, _ = _variant_figure(gaps=[(10, 20)])
+    assert "N (no sequence)" not in _legend(plain)[1] and plain._supxlabel is None
+
+
+def test_n_stretches_of_a_sequence():
+    codes = np.frombuffer(b"NNACGTNNNAN", dtype=np.uint8)
+    assert n_stretches(codes, 100) == [(100, 102), (106, 109), (110, 111)]
+    assert n_stretches(np.frombuffer(b"ACGT", dtype=np.uint8), 0) == []
+
+
+def test_track_summary_lists_a_few_tracks_and_counts_many():
+    assert track_summary(["CAGE:brain", "DNASE:liver"]) == "CAGE:brain; DNASE:liver"
+    assert track_summary([f"CAGE:cell {i}" for i in range(638)]) == "638 CAGE tracks"
+    assert track_summary(["CAGE:a", "DNASE:b", "CAGE:c", "plain"]) == "4 tracks: 2 CAGE, 1 DNASE, 1 other"
 
 
 def test_variant_x_axis_is_one_based_genome_coordinates_of_the_bins():
@@ -89,6 +167,62 @@ def test_variant_inputs_are_checked():
     gapped[500:] += 1
     with pytest.raises(InputError, match="contiguous"):
         plot_variant(ref, alt, gapped, LABELS, **common)
+
+
+@pytest.mark.parametrize("alt_allele, shift", [("A" + "T" * 128, 1), ("A" + "T" * 256, 2)])
+def test_an_insertion_of_whole_bins_is_drawn_in_reference_coordinates(alt_allele, shift):
+    ref, _ = _predictions(1)
+    # the alternative's window: the left flank and variant bin as in the reference, then `shift` bins of
+    # inserted sequence, then the reference's right flank pushed `shift` bins to the right
+    alt = np.concatenate([ref[:448] * 1.5, np.full((shift, 1), 9.0), ref[448:896 - shift]])
+    fig = plot_variant(ref, alt, BIN_STARTS, LABELS[:1], chrom="chr1", pos=POS, ref_allele="A", alt_allele=alt_allele)
+    top, bottom = fig.axes
+    drawn = _line(top, "alt").get_ydata()[:-1]
+    np.testing.assert_allclose(drawn[:448], ref[:448, 0] * 1.5, rtol=1e-6)
+    np.testing.assert_allclose(drawn[448:896 - shift], ref[448:896 - shift, 0], rtol=1e-6)  # back in place
+    assert np.isnan(drawn[896 - shift:]).all()  # past the alternative window's end
+    delta = _line(bottom, "alt - ref").get_ydata()[:-1]
+    assert np.all(delta[448:896 - shift] == 0)  # no difference all along the right flank
+    assert f"{len(alt_allele) - 1}-bp insertion" in _caption(fig)
+    assert f"drawn {shift} bin" in _caption(fig) and "of inserted sequence" in _caption(fig)
+    assert not [p for p in bottom.patches if p.get_hatch()]  # aligned exactly: nothing hatched
+
+
+def test_a_deletion_of_a_whole_bin_leaves_the_deleted_bin_empty():
+    ref, _ = _predictions(1)
+    alt = np.concatenate([ref[:448], ref[449:], np.ones((1, 1), np.float32)])  # bin 448 deleted, the rest pulled in
+    fig = plot_variant(ref, alt, BIN_STARTS, LABELS[:1], chrom="chr1", pos=POS, ref_allele="A" + "C" * 128,
+                       alt_allele="A")
+    drawn = _line(fig.axes[0], "alt").get_ydata()[:-1]
+    assert np.flatnonzero(np.isnan(drawn)).tolist() == [448]
+    np.testing.assert_allclose(drawn[449:], ref[449:, 0], rtol=1e-6)
+    assert "128-bp deletion" in _caption(fig) and "deleted bins are left empty" in _caption(fig)
+
+
+def test_a_short_indel_marks_the_offset_right_flank():
+    ref, alt = _predictions(1)
+    fig = plot_variant(ref, alt, BIN_STARTS, LABELS[:1], chrom="chr1", pos=POS, ref_allele="T", alt_allele="TGCCCA")
+    top, bottom = fig.axes
+    np.testing.assert_allclose(_line(top, "alt").get_ydata()[:-1], alt[:, 0], rtol=1e-6)  # not moved
+    (hatched,) = [p for p in bottom.patches if p.get_hatch()]
+    assert (hatched.get_x(), hatched.get_x() + hatched.get_width()) == (BIN_STARTS[448] + 0.5, BIN_STARTS[-1] + 128.5)
+    assert "alt bins 5 bp off the ref bins" in _legend(fig)[1]
+    assert "5-bp insertion" in _caption(fig) and "5 bp off" in _caption(fig)
+
+
+def test_reference_coordinates_by_hand():
+    alt = np.arange(10, dtype=float)[:, None]
+    starts = 1_000 + 128 * np.arange(10)
+    pos = 1_000 + 128 * 4 + 128  # its base, pos - 1, is the last of bin 4
+    moved, shift, offset = reference_coordinates(alt, starts, pos, 1, 1 + 300)  # 300 bp: 2 bins and -56 bp
+    assert (shift, offset) == (2, 300 - 256)
+    np.testing.assert_array_equal(moved[:, 0], [0, 1, 2, 3, 4, 7, 8, 9, np.nan, np.nan])
+    moved, shift, offset = reference_coordinates(alt, starts, pos, 1 + 200, 1)  # deletion: -2 bins, +56 bp
+    assert (shift, offset) == (-2, -200 + 256)
+    np.testing.assert_array_equal(moved[:, 0], [0, 1, 2, 3, 4, np.nan, np.nan, 5, 6, 7])
+    moved, shift, offset = reference_coordinates(alt, starts, pos, 3, 1)
+    assert (shift, offset) == (0, -2)
+    np.testing.assert_array_equal(moved, alt)
 
 
 L = 300

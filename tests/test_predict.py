@@ -66,10 +66,14 @@ def independent_window(centre: int) -> np.ndarray:
 
 
 def test_region_text_is_one_based_inclusive_and_resolves_aliases(genome):
+    # the FASTA calls the contig '1': sequence is read there, but the region keeps the name it was given
     (region,) = read_regions("chr1:602,001-605,000", genome.contigs)
-    assert region == Region("1", 602_000, 605_000, "1:602001-605000")
+    assert region == Region("chr1", 602_000, 605_000, "chr1:602001-605000", fasta_chrom="1")
     (whole,) = read_regions("1", genome.contigs)
-    assert (whole.start, whole.end) == (0, CONTIG_LENGTH)
+    assert (whole.start, whole.end, whole.chrom, whole.fasta_chrom, whole.name) == (0, CONTIG_LENGTH, "1", "1",
+                                                                                    "1:1-860893")
+    with pytest.raises(InputError, match=r"starts after the end of contig 'chr1' \(FASTA '1'\)"):
+        read_regions("chr1:900,000-900,100", genome.contigs)
 
 
 def test_window_and_bins_of_a_region_by_hand():
@@ -83,8 +87,10 @@ def test_window_and_bins_of_a_region_by_hand():
 
 def test_bed_lines_names_and_skipped_lines(genome, bed):
     regions = read_regions(bed, genome.contigs)
-    assert regions == [Region("1", 602_000, 605_000, "middle"), Region("1", 100, 300, "1:101-300"),
+    assert regions == [Region("chr1", 602_000, 605_000, "middle", "1"), Region("1", 100, 300, "1:101-300"),
                        Region("1", 850_000, 851_000, "near_end")]
+    (tmp := bed.parent / "unnamed.bed").write_text("chr1\t100\t300\n")
+    assert read_regions(tmp, genome.contigs) == [Region("chr1", 100, 300, "chr1:101-300", "1")]
 
 
 @pytest.mark.parametrize("line,message", [
@@ -154,11 +160,13 @@ def test_tracks_outside_the_head_are_refused(model, genome):
 def test_hdf5_output(results, tmp_path):
     targets = packaged_targets("human").subset(TRACKS)
     path = tmp_path / "predictions.h5"
-    assert write_predictions_h5(path, iter(results), targets) == 3
+    attrs = {"model_sha256": "ab" * 32, "options": '{"tracks": "0"}'}
+    assert write_predictions_h5(path, iter(results), targets, attrs) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.h5"]  # no temporary left behind
     with h5py.File(path) as f:
         assert f.attrs["bin_size"] == 128
-        assert f["chrom"][:].tolist() == [b"1"] * 3
+        assert {k: f.attrs[k] for k in attrs} == attrs
+        assert f["chrom"][:].tolist() == [b"chr1", b"1", b"1"]  # each region's contig as the BED names it
         assert f["name"][:].tolist() == [b"middle", b"1:101-300", b"near_end"]
         assert f["start"][:].tolist() == [602_000, 100, 850_000] and f["start"].dtype == np.int64
         assert f["end"][:].tolist() == [605_000, 300, 851_000]
@@ -199,6 +207,21 @@ def test_bigwig_values_read_back_equal_the_predictions(results, genome, tmp_path
         # the first region's bin 446 straddles position 0 and the last one's bin 529 the contig end
         assert (0, 72) in [(s, e) for s, e, _ in intervals] and intervals[-1][:2] == (860_868, CONTIG_LENGTH)
         assert list(intervals) == expected
+
+
+def test_bigwig_names_contigs_as_the_regions_do(genome, tmp_path, caplog):
+    """The FASTA says '1': regions given on 'chr1' give bigWigs on 'chr1', whose values read back."""
+    regions = [Region("chr1", 602_000, 605_000, "a", "1"), Region("1", 800_000, 800_100, "b")]
+    results = [(r, window_for(r)[1], np.full((896, 1), i + 1, np.float32)) for i, r in enumerate(regions)]
+    targets = packaged_targets("human").subset(np.array([0]))
+    with caplog.at_level(logging.WARNING, logger="enformer_vep"):
+        (path,) = write_bigwigs(tmp_path / "bw", results, targets, genome.contigs)
+    with pyBigWig.open(str(path)) as bw:
+        assert bw.chroms() == {"chr1": CONTIG_LENGTH}  # one name per contig: the first region's
+        assert bw.intervals("chr1")[0] == (603_500 - 57_344, 603_500 - 57_344 + 128, 1.0)
+        assert bw.intervals("chr1")[-1] == (800_050 + 57_344 - 128, 800_050 + 57_344, 2.0)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "enformer_vep"]
+    assert "name one contig two ways ('chr1' and '1')" in warning
 
 
 def test_bigwig_refuses_regions_with_overlapping_bins(genome, tmp_path):

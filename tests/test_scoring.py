@@ -218,10 +218,11 @@ def test_out_of_memory_halves_the_batch_and_retries(device):
     np.testing.assert_array_equal(out, [[0, -1, 0, 1]] * 3)
 
 
-def test_a_real_out_of_memory_error_halves_the_batch(device, tiny_enformer):
+def test_a_real_out_of_memory_error_halves_the_batch(cuda_device, tiny_enformer):
     """A real allocator failure (the process is allowed little more than it holds) halves the batch
     until it fits, with the scores of a CPU run."""
-    cuda_only(device, "a real out-of-memory error of the CUDA allocator (the test above simulates one)")
+    device = cuda_device
+    cuda_only(device, "a real out-of-memory error of the CUDA allocator (dry run on the CPU)")
     model = tiny_enformer(seed=3, conv_filters=FILTERS, heads={"human": 64})
     ref, alt = variant_windows(8)
     expected = VariantScorer(model, stats=["SAD"], precision="fp32", reuse=False).score(ref, alt)["SAD"]

@@ -134,7 +134,8 @@ def test_stale_csi_is_refused(tmp_path, kind, change):
     write(tmp_path / name, records(**change), None)
     assert open(path + ".csi", "rb").read() == before
     message = refusal(path)
-    assert f"{path}.csi does not match {path}" in message and f"`bcftools index -f {path}`" in message
+    assert f"{path}.csi does not match {path}" in message
+    assert f"`enformer-score index {path}` (or `bcftools index -f {path}`)" in message
 
 
 def test_a_comment_line_between_contigs_is_no_mismatch(tmp_path):
@@ -223,7 +224,8 @@ def test_an_unreadable_index_is_an_input_error(tmp_path, suffix, damage):
                "empty": b"", "wrong magic": gzip.compress(b"BAI\1" + data[4:])}[damage]
     with open(path + suffix, "wb") as handle:
         handle.write(damaged)
-    rebuild = f"`tabix -f -p vcf {path}`" if suffix == ".tbi" else f"`bcftools index -f {path}`"
+    tool = f"tabix -f -p vcf {path}" if suffix == ".tbi" else f"bcftools index -f {path}"
+    rebuild = f"`enformer-score index {path}` (or `{tool}`)"
     message = refusal(path)
     assert f"the index {path}{suffix} is unreadable" in message and rebuild in message
     with pytest.raises(InputError, match="unreadable VCF index"):

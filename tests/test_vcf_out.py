@@ -142,3 +142,12 @@ def test_merge_keeps_the_bytes_in_its_annotated_vcf(tmp_path, fast_model):
                                       "--vcf-out", str(tmp_path / "m.vcf.gz")])
     assert result.exit_code == 0, result.output
     assert [without_ours(line) for line in body_lines(tmp_path / "m.vcf.gz")] == records
+
+
+def test_annotated_vcf_header_records_the_provenance(annotated):
+    header = VCF(str(annotated / "annotated.vcf.gz")).raw_header
+    with h5py.File(annotated / "out" / "in.chr1.h5", "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+    for key in ("enformer_vep_version", "model_sha256", "model_source", "fasta", "fasta_index_sha256", "options"):
+        line = f"##{key if key.startswith('enformer_vep') else 'enformer_vep_' + key}={attrs[key]}\n"
+        assert line in header, key

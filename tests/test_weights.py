@@ -21,9 +21,10 @@ from safetensors.torch import save_file, save_model
 
 from enformer_vep import WeightsError, load_model
 from enformer_vep.cli import cli
+from enformer_vep.download import UnreachableError
 from enformer_vep.errors import DownloadError
 from enformer_vep.tensor_bundle import TensorBundle
-from enformer_vep.weights import read_state
+from enformer_vep.weights import default_model_source, read_state, save_native
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -79,7 +80,7 @@ def test_native_conversion_round_trip_through_the_cli(tmp_path, official_bundle_
     dest = tmp_path / "model.safetensors"
     result = CliRunner().invoke(cli, ["convert", str(official_bundle_dir), str(dest)])
     assert result.exit_code == 0, result.output
-    assert "channels 384, 2 transformer layers, 8 heads" in result.output
+    assert "channels 384, 2 transformer layers, 8 attention heads" in result.output
     with safe_open(str(dest), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["format"] == "enformer-vep"
@@ -146,9 +147,102 @@ def test_url_is_downloaded_converted_once_and_reused(official_archive, official_
 
 
 def test_unreachable_default_model_says_how_to_pass_a_local_copy(monkeypatch):
-    monkeypatch.setenv("ENFORMER_VEP_MODEL", "http://127.0.0.1:9/enformer.tar.gz")  # discard port: refused
-    with pytest.raises(DownloadError, match="--model PATH"):
+    url = "http://127.0.0.1:9/enformer.tar.gz"  # discard port: refused
+    monkeypatch.setenv("ENFORMER_VEP_MODEL", url)
+    with pytest.raises(UnreachableError, match="--model PATH") as exc:
         load_model()
+    assert isinstance(exc.value, DownloadError)  # what callers catch
+    message = str(exc.value)
+    assert message.startswith(f"$ENFORMER_VEP_MODEL={url}: cannot download {url}: 127.0.0.1 could not be reached")
+    assert "offline?" in message and ".part" not in message and "resume" not in message
+
+
+# --- a source from $ENFORMER_VEP_MODEL: errors say where the path came from ----------------------
+
+GIAB = DATA / "grch38_chr1_giab_hg002"
+
+
+def cli_error(args):
+    """The one `Error:` line the command printed, last (exit status 1)."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert [line for line in lines if "Error" in line] == lines[-1:], result.output
+    assert lines[-1].startswith("Error: "), result.output
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["score", "predict"])
+def test_bad_model_from_the_environment_is_named_as_such(tmp_path, monkeypatch, command):
+    """`score` passes `default_model_source()` on to load_model; `predict` lets load_model read it."""
+    missing = tmp_path / "nowhere" / "enformer.safetensors"
+    monkeypatch.setenv("ENFORMER_VEP_MODEL", str(missing))
+    args = {"score": [GIAB / "input.vcf.gz", "--fasta", GIAB / "reference.fa", "-o", tmp_path / "out",
+                      "--no-progress", "--device", "cpu"],
+            "predict": ["predict", "chr1:100000-100127", "--fasta", GIAB / "reference.fa", "-o", tmp_path / "p.h5",
+                        "--device", "cpu"]}[command]
+    message = cli_error(args)
+    assert message == f"Error: $ENFORMER_VEP_MODEL={missing}: no such file, directory or checkpoint prefix"
+    # the same path given with --model is the user's own: no mention of the variable
+    message = cli_error([*args, "--model", missing])
+    assert message == f"Error: {missing}: no such file, directory or checkpoint prefix"
+
+
+def test_unreadable_model_from_the_environment(tmp_path, monkeypatch):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("ENFORMER_VEP_MODEL", str(bogus))
+    assert isinstance(default_model_source(), str) and default_model_source() == str(bogus)
+    with pytest.raises(WeightsError, match=f"^\\$ENFORMER_VEP_MODEL={bogus}: not a readable safetensors file"):
+        load_model()
+    with pytest.raises(WeightsError, match=f"^{bogus}: not a readable safetensors file"):
+        load_model(str(bogus))
+    monkeypatch.delenv("ENFORMER_VEP_MODEL")
+    assert default_model_source().startswith("https://")
+
+
+# --- permissions: a lab-shared model and cache stay readable ----------------------------------
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_converted_weights_respect_the_umask(tmp_path, tiny_enformer, umask):
+    state = state_of(tiny_enformer(channels=12))
+    dest = tmp_path / "lab" / "model.safetensors"
+    save_native(state, dest)
+    assert (mode(dest.parent), mode(dest)) == (0o777 & ~umask, 0o666 & ~umask)
+    # rewriting an existing file keeps its mode, as open(..., "w") does
+    dest.chmod(0o640)
+    save_native(state, dest)
+    assert mode(dest) == 0o640
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.safetensors"]
+
+
+def test_url_cache_respects_the_umask(tmp_path, tiny_enformer, monkeypatch, umask):
+    served = tmp_path / "served"
+    served.mkdir()
+    state = state_of(tiny_enformer(channels=12))
+    save_native(state, served / "tiny.safetensors")
+    monkeypatch.setenv("ENFORMER_VEP_CACHE", str(tmp_path / "shared" / "cache"))
+    server = _CountingServer(served)
+    try:
+        assert_same_state(state_of(load_model(f"{server.url}/tiny.safetensors")), state)
+    finally:
+        server.close()
+    cache = tmp_path / "shared" / "cache"
+    (downloaded,) = (cache / "downloads").iterdir()
+    (converted,) = (cache / "converted").iterdir()
+    dirs = [tmp_path / "shared", cache, cache / "downloads", cache / "converted"]
+    assert {d.name: mode(d) for d in dirs} == {d.name: 0o777 & ~umask for d in dirs}
+    assert (mode(downloaded), mode(converted)) == (0o666 & ~umask, 0o666 & ~umask)
 
 
 # --- enformer-pytorch checkpoints: they load and give that package's outputs ------------------
