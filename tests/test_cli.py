@@ -38,3 +38,17 @@ def test_a_device_torch_cannot_use_is_a_one_line_error(tmp_path):
         assert "CUDA device" in errors[0]
     bad = run("predict", "chr1:600000-600100", "--fasta", FASTA, "-o", str(tmp_path / "p.h5"), "--device", "gpu0")
     assert bad.returncode == 1 and "is not a torch device" in bad.stderr
+
+
+def test_result_lines_are_timestamped_like_log_lines(tmp_path):
+    """A command's result line and the run's log lines share one format on stderr."""
+    import re
+    import shutil
+
+    shutil.copyfile(DATA / "grch38_chr1_giab_hg002" / "input.vcf", tmp_path / "in.vcf")
+    result = run("index", str(tmp_path / "in.vcf"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert lines and all(re.match(stamp, line) for line in lines), lines
+    assert re.match(stamp + r"wrote \S+in\.vcf\.gz, \S+in\.vcf\.gz\.tbi$", lines[-1])
