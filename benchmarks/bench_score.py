@@ -44,7 +44,8 @@ HOST_ONE_HOT = np.zeros((256, 4), dtype=np.float32)
 HOST_ONE_HOT[np.frombuffer(b"ACGT", dtype=np.uint8), np.arange(4)] = 1
 
 SCORE_HEADER = ["date", "device", "commit", "model", "variants", "scorer", "precision", "batch", "variants/s",
-                "speedup", "peak memory", "useful TFLOP/s", "% of peak", "r median", "r worst", "max|dSAD|/range"]
+                "speedup", "peak memory", "useful TFLOP/s", "% of peak", "r median", "r worst", "max|dSAD|/range",
+                "executed TFLOP/variant"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one configuration of our scorer, repeatable; replaces --precisions/--reuse/--batch-size: "
                         "PRECISION[:reuse|:noreuse][:bN][:cudnn-benchmark][:compile], e.g. bf16/tf32:b32:compile")
     p.add_argument("--quick", action="store_true", help="tiny model, few variants, CPU: a smoke run in CI time")
+    p.add_argument("--channels", type=int, help="random-weight model of this width instead of the released 1536 "
+                                                "(e.g. 384: the conv tower keeps its share of the arithmetic)")
+    p.add_argument("--layers", type=int, help="transformer layers of the random-weight model (released: 11)")
     p.add_argument("--fasta", help="place the variants on this FASTA instead of a synthetic genome")
     p.add_argument("--genome-size", type=int, default=None, help="synthetic genome length in bp (default 3 Mb, "
                                                                   "--quick 1 Mb)")
@@ -403,7 +407,18 @@ def run_ours(model, head: str, spec: RunSpec, args, ref: np.ndarray, alt: np.nda
         seconds = time.perf_counter() - start
     peak, kind = memory.read()
     return {"sad": np.concatenate(parts), "seconds": seconds, "peak_mib": peak, "peak_kind": kind,
-            "batch": scorer.batch_size, "warmup_seconds": warmup_seconds, "warmup_variants": warmup}
+            "batch": scorer.batch_size, "warmup_seconds": warmup_seconds, "warmup_variants": warmup,
+            "tflop_per_variant": executed_tflop_per_variant(scorer, ref[:per_call], alt[:per_call], spec)}
+
+
+def executed_tflop_per_variant(scorer: VariantScorer, ref: np.ndarray, alt: np.ndarray, spec: RunSpec) -> float:
+    """TFLOP the scorer executes per variant on these windows, counted by torch's FlopCounterMode on the
+    code path actually run (matmuls and convolutions; element-wise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with strict_float32(), FlopCounterMode(display=False) as counter:
+        scorer.score(ref, alt)
+    return counter.get_total_flops() / len(ref) / 1e12
 
 
 # --- agreement -----------------------------------------------------------------------------------------
@@ -449,6 +464,9 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
 
 
 def main(argv=None) -> int:
+    from enformer_vep.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does (ENFORMER_VEP_MALLOC=system keeps glibc's defaults)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -461,9 +479,11 @@ def main(argv=None) -> int:
         from enformer_vep import load_model
         model, source = load_model(args.model, device=device), Path(args.model).name
     else:
-        cfg = EnformerConfig(**QUICK_CONFIG) if args.quick else EnformerConfig()
+        sizes = {k: v for k, v in (("channels", args.channels), ("num_transformer_layers", args.layers)) if v}
+        cfg = EnformerConfig(**QUICK_CONFIG) if args.quick else EnformerConfig(**sizes)
         model = calibrated_random_weights(Enformer(cfg).to(device).eval(), args.seed, device)
-        source = ("quick tiny model" if args.quick else "full-size model") + ", calibrated random weights"
+        source = ("quick tiny model" if args.quick else "full-size model" if not sizes else
+                  f"{cfg.channels}-channel {cfg.num_transformer_layers}-layer model") + ", calibrated random weights"
     model = model.to(device).eval()
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
@@ -546,14 +566,14 @@ def main(argv=None) -> int:
         r["is_reference"] = r is reference_run
 
     header = ["scorer", "precision", "batch", "variants/s", "speedup", "peak memory", "useful TFLOP/s", "% of peak",
-              "r median", "r worst", "max|dSAD|/range"]
+              "r median", "r worst", "max|dSAD|/range", "TFLOP/variant"]
     rows, md_rows, group_rows = [], [], []
     model_md = f"{source}; {params / 1e6:.3g} M params"
     for r in results:
         if "error" in r:
-            rows.append([r["scorer"], r["precision"], "-", "failed"] + [""] * 7)
+            rows.append([r["scorer"], r["precision"], "-", "failed"] + [""] * 8)
             md_rows.append([_common.today(), device_text, revision, model_md, f"{n_snv} SNV + {n_indel} indel",
-                            r["scorer"], r["precision"], "-", "failed: " + r["error"][:200]] + [""] * 7)
+                            r["scorer"], r["precision"], "-", "failed: " + r["error"][:200]] + [""] * 8)
             continue
         ag = r["agreement"] or {}
         cells = [r["scorer"], r["precision"], str(r["batch"]), f"{r['variants_per_s']:.3g}",
@@ -562,7 +582,8 @@ def main(argv=None) -> int:
                  fmt(None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], ".2f"),
                  "(reference)" if r["is_reference"] else fmt(ag.get("r_median"), ".6f"),
                  "" if r["is_reference"] else fmt(ag.get("r_worst"), ".6f"),
-                 "" if r["is_reference"] else fmt(ag.get("max_rel_diff"), ".2e")]
+                 "" if r["is_reference"] else fmt(ag.get("max_rel_diff"), ".2e"),
+                 fmt(r.get("tflop_per_variant"), ".3g")]
         rows.append(cells)
         md_rows.append([_common.today(), device_text, revision, model_md, f"{n_snv} SNV + {n_indel} indel"] + cells)
         if ag and not r["is_reference"]:
