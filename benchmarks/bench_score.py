@@ -413,11 +413,16 @@ def run_ours(model, head: str, spec: RunSpec, args, ref: np.ndarray, alt: np.nda
 
 def executed_tflop_per_variant(scorer: VariantScorer, ref: np.ndarray, alt: np.ndarray, spec: RunSpec) -> float:
     """TFLOP the scorer executes per variant on these windows, counted by torch's FlopCounterMode on the
-    code path actually run (matmuls and convolutions; element-wise work is not counted)."""
+    code path actually run (matmuls and convolutions; element-wise work is not counted).
+
+    Counted in float32 without compilation: the operations, hence the FLOPs, are the same in every
+    precision, and FlopCounterMode decomposes einsum below autocast, so an autocast run would mix dtypes."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    counting = VariantScorer(scorer.model, head=scorer.head, tracks=None, stats=("SAD",), device=scorer.device,
+                             batch_size=len(ref), reuse=scorer.reuse, precision="fp32")
     with strict_float32(), FlopCounterMode(display=False) as counter:
-        scorer.score(ref, alt)
+        counting.score(ref, alt)
     return counter.get_total_flops() / len(ref) / 1e12
 
 
