@@ -35,6 +35,25 @@ def write_fasta(path: str | os.PathLike, contigs: dict[str, np.ndarray], line: i
                 f.write(b"\n".join(block[i:i + line] for i in range(0, len(block), line)) + b"\n")
 
 
+def spaced_variants(codes: np.ndarray, chrom: str, n: int, spacing: int, indel_fraction: float,
+                    rng: np.random.Generator, start: int = 200_000) -> list[tuple]:
+    """``n`` variants ``(chrom, pos, ref, alt)`` on the sequence ``codes`` (uint8 ACGT), about ``spacing`` bp
+    apart (uniform gaps of 1 .. 2 x spacing - 1) from ``start`` on: SNVs and, a share ``indel_fraction``,
+    indels of 1-20 bp (half insertions, half deletions). ``codes`` must reach ``start + 2 n spacing + 21``."""
+    positions = start + np.cumsum(rng.integers(1, 2 * spacing, n))
+    variants = []
+    for pos in positions.tolist():
+        size = int(rng.integers(1, 21))
+        ref = codes[pos - 1:pos + size].tobytes().decode()
+        if rng.random() >= indel_fraction:
+            variants.append((chrom, pos, ref[0], "ACGT"[("ACGT".index(ref[0]) + int(rng.integers(1, 4))) % 4]))
+        elif rng.random() < 0.5:
+            variants.append((chrom, pos, ref[0], ref[0] + random_sequence(size, rng).tobytes().decode()))
+        else:
+            variants.append((chrom, pos, ref, ref[0]))
+    return variants
+
+
 # --- memory --------------------------------------------------------------------------------------------
 
 def _status_kib(field: str) -> int | None:

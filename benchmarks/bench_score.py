@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one configuration of our scorer, repeatable; replaces --precisions/--reuse/--batch-size: "
                         "PRECISION[:reuse|:noreuse][:bN][:cudnn-benchmark][:compile], e.g. bf16/tf32:b32:compile")
     p.add_argument("--quick", action="store_true", help="tiny model, few variants, CPU: a smoke run in CI time")
+    p.add_argument("--flop-account", action="store_true",
+                   help="instead of timing: TFLOP per variant of each scoring mode (two full passes, per-window "
+                        "reuse, conv-tower tiles, and what the cost model executes) on a dense and a sparse "
+                        "synthetic VCF, counted from the scorer's plan (tiling.plan_flops) without running the model")
     p.add_argument("--channels", type=int, help="random-weight model of this width instead of the released 1536 "
                                                 "(e.g. 384: the conv tower keeps its share of the arithmetic)")
     p.add_argument("--layers", type=int, help="transformer layers of the random-weight model (released: 11)")
@@ -468,11 +472,50 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+# --- FLOP account of the tiled conv tower --------------------------------------------------------------
+
+# (name, variants, mean spacing in bp): the density of common variants over 2 Mb, and a sparse VCF
+ACCOUNT_SETS = [("dense", 7_700, 260), ("sparse", 1_024, 50_000)]
+ACCOUNT_HEADER = ["date", "commit", "model", "set", "variants", "indels", "blocks", "tiled blocks",
+                  "two full passes", "per-window reuse", "tiles everywhere", "executed", "executed vs reuse"]
+
+
+def flop_account(args, config: EnformerConfig, model_text: str) -> list[list[str]]:
+    """TFLOP per variant of each mode on :data:`ACCOUNT_SETS` (10% indels, blocks of 1,024 records, the
+    scorer's CPU and CUDA default batch of 32 sequences): ``tiling.plan_flops``, which counts what
+    ``VariantScorer.score_block`` executes (tests/test_tiling.py checks it against FlopCounterMode)."""
+    from enformer_vep import tiling
+
+    rows = []
+    for name, n, spacing in ACCOUNT_SETS:
+        rng = np.random.default_rng(args.seed)
+        codes = _common.random_sequence(200_000 + 2 * n * spacing + 100, rng)
+        variants = _common.spaced_variants(codes, "chrB", n, spacing, 0.1, rng)
+        flops = tiling.plan_flops(config, variants, batch_size=32)
+        indels = sum(len(r) != len(a) for _, _, r, a in variants)
+        rows.append([_common.today(), _common.git_revision(), model_text, f"{name}, 1 per {spacing:,} bp",
+                     f"{n:,}", f"{indels:,}", str(flops["blocks"]), str(flops["tiled_blocks"])]
+                    + [f"{flops[k] / 1e12:.3f}" for k in ("full", "reuse", "tiled", "executed")]
+                    + [f"{flops['reuse'] / flops['executed']:.2f}x fewer"])
+    return rows
+
+
 def main(argv=None) -> int:
     from enformer_vep.allocator import keep_freed_memory
 
     keep_freed_memory()  # as the command line does (ENFORMER_VEP_MALLOC=system keeps glibc's defaults)
     args = parse_args(argv)
+    if args.flop_account:
+        sizes = {k: v for k, v in (("channels", args.channels), ("num_transformer_layers", args.layers)) if v}
+        config = EnformerConfig(**QUICK_CONFIG) if args.quick else EnformerConfig(**sizes)
+        model_text = ("quick tiny model" if args.quick else "released architecture" if not sizes else
+                      f"{config.channels}-channel {config.num_transformer_layers}-layer model")
+        rows = flop_account(args, config, model_text)
+        print(f"TFLOP per variant, counted from the scorer's plan ({model_text}, human head, all tracks)")
+        _common.print_table(ACCOUNT_HEADER[3:], [row[3:] for row in rows])
+        if args.append_results:
+            _common.append_rows("bench_score FLOP account", ACCOUNT_HEADER, rows, args.results)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

@@ -166,6 +166,12 @@ def _stats(text: str) -> tuple[str, ...]:
                    "two full passes up to float rounding, but that rounding differs from two passes', which "
                    "shows on effects near float32 noise. Default: on with CUDA (where TF32/bf16 rounding is "
                    "larger anyway), off on CPU (two full passes, as the reference computation).")
+@click.option("--tiles/--no-tiles", default=True, show_default=True,
+              help="With --reuse: within each block (--checkpoint-every records), compute the reference conv "
+                   "tower once over the stretch that neighbouring windows share, and give each window, "
+                   "indels included, its bins from there, recomputing only the bins near its ends and near "
+                   "the allele. Used where it computes fewer bins than one pass per window (dense VCFs); "
+                   "equal to two full passes up to float rounding.")
 @click.option("--stats", default="SAD,SAR", show_default=True, callback=lambda c, p, v: _stats(v),
               help="Comma-separated statistics: SAD, SAR, SADR, SAX, D1, D2 (formulas in README).")
 @click.option("--rc", is_flag=True, help="Average forward and reverse-complement predictions (bins flipped back).")

@@ -353,33 +353,35 @@ class Enformer(nn.Module):
                          changed: list[tuple[int, int] | None]) -> torch.Tensor:
         """Conv-tower output ``[B, T, C]`` of inputs ``x`` (``[B, L, 4]``, L = 128 T) that equal the
         inputs of ``reference`` (their conv-tower output) except at positions ``changed[i]``
-        (inclusive; None = identical). Only the bins a change can reach are recomputed, from a
-        patch of input wide enough that its edges cannot reach them: exact up to float rounding.
+        (inclusive; None = identical). Only the bins a change can reach are recomputed
+        (:meth:`recompute_bins`): exact up to float rounding.
         """
-        out = reference.clone()
-        spans = {i: self.affected_bins(*c) for i, c in enumerate(changed) if c is not None}
-        if not spans:
-            return out
-        margin, bins = self._patch_margin, reference.shape[1]
+        spans = [(i, *self.affected_bins(*c)) for i, c in enumerate(changed) if c is not None]
+        return self.recompute_bins(reference.clone(), x, spans)
+
+    def recompute_bins(self, conv: torch.Tensor, x: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Overwrite bins ``first..last`` (inclusive, clipped to ``[0, T)``) of row ``i`` of ``conv``
+        (``[B, T, C]``, in place; returned) for each ``(i, first, last)`` of ``spans`` with their
+        conv-tower output computed from inputs ``x`` (``[B, L, 4]``, L = 128 T).
+
+        Each span runs on a patch of input widened by :attr:`_patch_margin` bins on each side, so
+        that the patch's zero padding cannot reach it; a patch is cut at the input's ends, where
+        the padding is the input's own: exact up to float rounding wherever the span lies.
+        """
+        margin, bins = self._patch_margin, conv.shape[1]
         # patches of one width run together; a row's result never depends on the other rows
-        by_width: dict[int, list[int]] = {}
-        edge = []
-        for i, (first, last) in spans.items():
-            width = last - first + 1 + 2 * margin
-            if first - margin >= 0 and first - margin + width <= bins:
-                by_width.setdefault(width, []).append(i)
-            else:
-                edge.append(i)
-        for width, rows in by_width.items():
-            starts = [spans[i][0] - margin for i in rows]
-            patches = torch.stack([x[i, s * BIN_SIZE:(s + width) * BIN_SIZE]
-                                   for i, s in zip(rows, starts, strict=True)])
-            recomputed = self._conv_stages(patches)[:, margin:width - margin]
-            for row, (i, s) in enumerate(zip(rows, starts, strict=True)):
-                out[i, s + margin:s + width - margin] = recomputed[row]
-        if edge:  # a patch would cross the input's ends, where padding differs: recompute in full
-            out[edge] = self._conv_stages(x[edge])
-        return out
+        by_width: dict[int, list[tuple[int, int, int, int]]] = {}
+        for i, first, last in spans:
+            first, last = max(first, 0), min(last, bins - 1)
+            if first <= last:
+                start, stop = max(first - margin, 0), min(last + 1 + margin, bins)
+                by_width.setdefault(stop - start, []).append((i, start, first, last))
+        for width, patches in by_width.items():
+            inputs = torch.stack([x[i, start * BIN_SIZE:(start + width) * BIN_SIZE] for i, start, _, _ in patches])
+            recomputed = self._conv_stages(inputs)
+            for row, (i, start, first, last) in enumerate(patches):
+                conv[i, first:last + 1] = recomputed[row, first - start:last + 1 - start]
+        return conv
 
     def head_tracks(self, embedding: torch.Tensor, head: str, tracks: torch.Tensor | None = None) -> torch.Tensor:
         """Head ``head`` on the trunk's embedding, columns ``tracks`` only: ``[B, 896, 2C] -> [B, 896, T]``."""

@@ -39,7 +39,7 @@ from .variants import (
 from .vcf_index import index_record_counts
 from .vcf_out import check_vcf_out_path, write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
-from .windows import allele_windows, ref_matches
+from .windows import ref_matches
 
 log = logging.getLogger("enformer_vep")
 
@@ -66,6 +66,7 @@ class ScoreOptions:
     precision: str | None = None  # None: fp32 on CPU, bf16/tf32 on CUDA
     compile: bool = False  # torch.compile the conv tower and the transformer
     reuse: bool | None = None  # reference-trunk reuse for SNV/MNP; None: on CUDA only
+    tiles: bool = True  # with reuse: conv-tower tiles shared by a block's windows where they pay
     stats: tuple[str, ...] = ("SAD", "SAR")
     rc: bool = False
     shifts: tuple[int, ...] = (0,)
@@ -85,8 +86,8 @@ class ScoreOptions:
 
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
-        keep = ("pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse", "compile", "organism",
-                "targets", "percentiles", "checkpoint_every", "prefix")
+        keep = ("pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse", "tiles", "compile",
+                "organism", "targets", "percentiles", "checkpoint_every", "prefix")
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
         # the records selected, named as the VCF names them: `1:1-9` and `chr1:1-9` are one setting
         return settings | {"regions": canonical_selection(self.vcf, self.regions, self.chroms), "chroms": []}
@@ -370,7 +371,8 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
     _, tracks = options.head_tracks(model.config.heads)
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
-                           precision=options.precision, reuse=options.reuse, compile=options.compile)
+                           precision=options.precision, reuse=options.reuse, tiles=options.tiles,
+                           compile=options.compile)
     if part is not None:
         total = part.records
     else:
@@ -503,32 +505,20 @@ def _exit_with_parent(parent: int) -> None:
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
                  block: _Block, progress: _Progress) -> None:
-    """Score a block's rows in groups of ``batch_size`` variants and stage it with its skipped rows.
+    """Score a block's rows (``VariantScorer.score_block``: windows and tiles built on ``window_thread`` from
+    ``blocks`` while the device computes) and stage it with its skipped rows. Progress advances with the
+    rows scored (the block's records in proportion to its rows)."""
+    rows, counted = block.rows, 0
 
-    The next group's windows are built on ``window_thread`` while the device scores this one.
-    Progress advances with the groups scored (the block's records in proportion to its rows).
-    """
-    def windows(group: list[Allele]) -> tuple[np.ndarray, np.ndarray]:
-        pairs = [allele_windows(blocks, r.fasta_chrom, r.pos, r.ref, r.alt) for r in group]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-    rows, size = block.rows, scorer.batch_size
-    groups = [rows[start:start + size] for start in range(0, len(rows), size)]
-    parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    pending = window_thread.submit(windows, groups[0]) if groups else None
-    counted = 0
-    for k in range(len(groups)):
-        ref, alt = pending.result()
-        if k + 1 < len(groups):
-            pending = window_thread.submit(windows, groups[k + 1])
-        for name, values in scorer.score(ref, alt).items():
-            parts[name].append(values)
-        done = block.records * min(len(rows), (k + 1) * size) // len(rows)
+    def advance(scored: int) -> None:
+        nonlocal counted
+        done = block.records * scored // len(rows)
         progress.update(done - counted)
         counted = done
+
     stats16, clipped = {}, {}
-    for name, values in parts.items():
-        stats16[name], clipped[name] = to_float16(np.concatenate(values))
+    for name, values in scorer.score_block(blocks, rows, executor=window_thread, progress=advance).items():
+        stats16[name], clipped[name] = to_float16(values)
     run.write_chunk(block.chrom, block.index, rows, stats16, clipped, block.skips, block.mismatched)
     progress.update(block.records - counted)
 

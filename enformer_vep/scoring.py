@@ -6,22 +6,24 @@ A scorer model is anything with ``predict_tracks(x [B, L, 4], head, tracks) -> [
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
 
+from . import tiling
 from .errors import InputError
-from .model import HUB_SEQUENCE_LENGTH, SEQUENCE_LENGTH
-from .windows import ONE_HOT_TABLE, reverse_complement
+from .model import SEQUENCE_LENGTH
+from .tiling import MAX_REUSED_SPAN
+from .windows import ONE_HOT_TABLE, allele_windows, reverse_complement
 
 log = logging.getLogger("enformer_vep")
 
 FLOAT16_MAX = 65504.0
-# Alternatives differing from their reference over fewer bp reuse its conv tower (SNV, MNP).
-MAX_REUSED_SPAN = 1024
 
 # Formulas over the output bins of one track; written into the output files.
 STATISTICS = {
@@ -143,7 +145,8 @@ def precision_mode(precision: str, device: torch.device):
 
 
 class VariantScorer:
-    """Scores batches of (reference, alternative) windows: :meth:`score`.
+    """Scores variants: a block of alleles read from a genome (:meth:`score_block`, with conv-tower tiles
+    shared by neighbouring windows) or batches of (reference, alternative) windows (:meth:`score`).
 
     Parameters
     ----------
@@ -165,16 +168,24 @@ class VariantScorer:
         Sequences per forward pass; None (auto) starts at 32 on CUDA and halves after each
         out-of-memory error until a batch fits (4 on CPU).
     reuse : bool
-        An alternative differing from its reference in a short stretch (SNV, MNP) reuses the
-        reference's conv tower and recomputes only the bins the change reaches, for both alleles
-        (docs/spec.md §5.4).
+        Share conv-tower work between alleles and windows (docs/spec.md §5.4): :meth:`score_block` takes
+        tiles where its cost model says they pay, else, like :meth:`score`, an alternative differing from
+        its reference in a short stretch (SNV, MNP) reuses the reference's conv tower and recomputes only
+        the bins the change reaches, for both alleles.
     precision : str, optional
         One of ``PRECISIONS``: one name for both trunk stages, or ``CONV/TRANSFORMER``; default
         ``fp32`` on CPU, ``bf16/tf32`` on CUDA. The transformer's residual stream, the heads and
         the statistics are always float32.
     compile : bool
-        Run the full-window conv tower and the transformer through ``torch.compile`` (compiled on
-        first use, per batch shape).
+        Run the full-window conv tower, the tile chunks' and the transformer through ``torch.compile``
+        (compiled on first use, per batch shape).
+    input_length : int
+        bp the model reads: the central part of longer windows (default 196,608 of 393,216).
+    tiles : bool
+        With ``reuse``, let :meth:`score_block` share conv-tower tiles between windows where its cost
+        model says they pay (docs/spec.md §5.4); False keeps the per-window path.
+    tile_chunk : int
+        Input bins per tile chunk of :meth:`score_block` (``tiling.CHUNK_BINS``).
 
     Raises
     ------
@@ -185,27 +196,31 @@ class VariantScorer:
     def __init__(self, model, *, head: str = "human", tracks: np.ndarray | None = None,
                  stats: Sequence[str] = ("SAD", "SAR"), rc: bool = False, shifts: Sequence[int] = (0,),
                  device: str | torch.device = "cpu", batch_size: int | None = 4, reuse: bool = True,
-                 precision: str | None = None, compile: bool = False):
+                 precision: str | None = None, compile: bool = False, input_length: int = SEQUENCE_LENGTH,
+                 tiles: bool = True, tile_chunk: int = tiling.CHUNK_BINS):
         self.model, self.head, self.stats, self.reuse = model, head, list(stats), reuse
         self.rc, self.shifts = rc, list(shifts)
         self.device = torch.device(device)
         self.batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
         self.precision = precision or default_precision(self.device)
         self.conv_precision, self.transformer_precision = stage_precisions(self.precision)
+        self.input_length, self.tiles, self.tile_chunk = input_length, tiles, tile_chunk
         self._convolve, self._attend = (getattr(model, "convolve", None), getattr(model, "attend", None))
+        self._conv_chunks = getattr(model, "_conv_stages", None)
         if compile and hasattr(model, "trunk"):
             self._convolve, self._attend = torch.compile(model.convolve), torch.compile(model.attend)
+            self._conv_chunks = torch.compile(model._conv_stages)
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
 
     def _views(self, codes: np.ndarray) -> list[tuple[np.ndarray, bool]]:
         """The windows as the model sees them: each shift, and its reverse complement with ``rc``,
-        cropped to the central 196,608 bp the model uses (half the transfer and encoding)."""
+        cropped to the central ``input_length`` bp the model uses (half the transfer and encoding)."""
         views = [(shifted(codes, s), False) for s in self.shifts]
         views += [(reverse_complement(v), True) for v, _ in views] if self.rc else []
-        if codes.shape[1] == HUB_SEQUENCE_LENGTH:
-            start = (HUB_SEQUENCE_LENGTH - SEQUENCE_LENGTH) // 2
-            views = [(v[:, start:start + SEQUENCE_LENGTH], reverse) for v, reverse in views]
+        if codes.shape[1] > self.input_length:
+            start = (codes.shape[1] - self.input_length) // 2
+            views = [(v[:, start:start + self.input_length], reverse) for v, reverse in views]
         return views
 
     def _encode(self, codes: np.ndarray) -> torch.Tensor:
@@ -216,17 +231,24 @@ class VariantScorer:
             host = host.pin_memory()
         return torch.nn.functional.embedding(host.to(self.device, non_blocking=True).int(), self._one_hot)
 
-    def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``."""
+    def _predict_pairs(self, ref: np.ndarray, alt: np.ndarray,
+                       conv: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean predictions ``[N, bins, T]`` of reference and alternative windows ``[N, L]``.
+
+        ``conv(x, view=, start=)``, when given, computes the conv tower of a pass's one-hot ``x``
+        (``[2B, L, 4]``: alleles ``start..start+B-1`` through view ``view``, references then alternatives)
+        in place of :meth:`_conv_tower`."""
         views = list(zip(self._views(ref), self._views(alt), strict=True))
         group = max(1, self.batch_size // 2)  # a group's reference and alternative share a pass
         total_ref = total_alt = None
-        for (ref_view, reverse), (alt_view, _) in views:
+        for view, ((ref_view, reverse), (alt_view, _)) in enumerate(views):
             for start in range(0, len(ref), group):
                 stop = start + group  # reference and alternative encoded together: no copy to join them
                 with stage("encode"):
                     x = self._encode(np.concatenate([ref_view[start:stop], alt_view[start:stop]]))
-                p_ref, p_alt = self._predict_group(x)
+                tower = self._conv_tower if conv is None else functools.partial(conv, view=view, start=start)
+                p_ref, p_alt = self._predict_group(x, tower)
                 if reverse:
                     p_ref, p_alt = p_ref.flip(1), p_alt.flip(1)
                 if total_ref is None:
@@ -238,18 +260,16 @@ class VariantScorer:
         return total_ref / len(views), total_alt / len(views)
 
     @torch.inference_mode()
-    def _predict_group(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_group(self, x: torch.Tensor, tower: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 predictions ``[B, bins, T]`` of references and alternatives for one-hot windows
-        ``x: [2B, L, 4]`` (B references, then their B alternatives)."""
+        ``x: [2B, L, 4]`` (B references, then their B alternatives), whose conv-tower output
+        ``tower(x)`` (``[2B, T, C]``) computes."""
         model, n = self.model, len(x) // 2
         if not hasattr(model, "trunk"):  # a plain scorer model (tests' toy models)
             both = model.predict_tracks(x, self.head, self.tracks).float()
             return both[:n], both[n:]
-        if self.reuse and hasattr(model, "convolve_changed"):
-            conv = self._reuse_reference_conv(x)
-        else:
-            with precision_mode(self.conv_precision, self.device), stage("conv tower"):
-                conv = self._convolve(x)
+        conv = tower(x)
         with precision_mode(self.transformer_precision, self.device):
             with stage("transformer"):
                 conv = self._attend(conv.float())
@@ -258,6 +278,14 @@ class VariantScorer:
         with stage("heads"):  # float32, whatever the trunk's precision
             both = model.head_tracks(embedding.float(), self.head, self.tracks).float()
         return both[:n], both[n:]
+
+    def _conv_tower(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv-tower outputs ``[2B, T, C]`` of ``x: [2B, L, 4]`` (B references, then their alternatives)
+        on the per-window path: with reuse, the references' computed once and shared."""
+        if self.reuse and hasattr(self.model, "convolve_changed"):
+            return self._reuse_reference_conv(x)
+        with precision_mode(self.conv_precision, self.device), stage("conv tower"):
+            return self._convolve(x)
 
     def _reuse_reference_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Conv-tower outputs ``[2B, T, C]`` float32 of ``x: [2B, L, 4]`` (B references, then their
@@ -296,7 +324,7 @@ class VariantScorer:
         ----------
         ref, alt : numpy.ndarray
             ``[B, L]`` uint8 ASCII codes (A, C, G, T; anything else, e.g. N, encodes as zeros), L =
-            393,216 (only the central 196,608 bp are used) or the model's input length.
+            393,216 (only the central ``input_length`` bp are used) or the model's input length.
 
         Returns
         -------
@@ -308,10 +336,15 @@ class VariantScorer:
         -----
         A CUDA out-of-memory error halves the batch size and retries instead of failing.
         """
+        pred_ref, pred_alt = self._retrying(lambda: self._predict_pairs(ref, alt))
+        with stage("statistics"):
+            return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}
+
+    def _retrying(self, work: Callable[[], object]):
+        """``work()``, rerun with half the batch size after each CUDA out-of-memory error."""
         while True:
             try:
-                pred_ref, pred_alt = self._predict_pairs(ref, alt)
-                break
+                return work()
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -319,5 +352,166 @@ class VariantScorer:
                 log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
             # here, not in the handler: the failed attempt's tensors live until the handler ends
             torch.cuda.empty_cache()
-        with stage("statistics"):
-            return {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()}
+
+    # --- blocks of alleles: windows and tiles built here (docs/spec.md §5.4) -------------------------------
+
+    def score_block(self, genome, alleles: Sequence, *, executor: Executor | None = None,
+                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+        """Per-track statistics of a block of alleles, windows (docs/spec.md §3.2-3.4) read from ``genome``.
+
+        With ``reuse`` and an :class:`~enformer_vep.model.Enformer`, the conv tower runs once per strand and
+        phase over the stretch the block's windows cover, and each window takes its bins from these tiles
+        (``tiling``), when the cost model says that computes fewer bins than the per-window path; otherwise
+        alleles are scored ``batch_size`` at a time through :meth:`score`. Tiles are a function of the
+        block's alleles only, so whoever scores a block gets the same numbers.
+
+        Parameters
+        ----------
+        genome
+            ``fetch(chrom, start, end) -> uint8 codes`` with N outside the contig:
+            :class:`~enformer_vep.genome.Genome` or :class:`~enformer_vep.genome.GenomeBlocks`.
+        alleles : sequence
+            Objects with ``fasta_chrom``, ``pos`` (1-based), ``ref`` and ``alt`` (strings), e.g.
+            :class:`~enformer_vep.variants.Allele`; any order, usually one block of one contig.
+        executor : concurrent.futures.Executor, optional
+            Where windows and tile sequences are built (every ``genome`` read happens there), one group
+            ahead of the device; inline when None.
+        progress : callable, optional
+            Called with the number of alleles scored so far, after each group.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``{statistic: [n, T] float32}``, rows in the order of ``alleles``.
+        """
+        if not len(alleles):
+            return {}
+        plan = self._plan(alleles)
+        if plan is None or not plan.tiled:
+            return self._score_windows(genome, alleles, executor, progress)
+        return self._retrying(lambda: self._score_tiled(genome, alleles, executor, progress))
+
+    def _plan(self, alleles: Sequence) -> tiling.BlockPlan | None:
+        """The block's tile plan (None where tiles cannot serve: no reuse or tiles, a model without patches,
+        or a shift that brings the window's N fill into the input); groups of ``batch_size // 2``."""
+        model = self.model
+        if not (self.reuse and self.tiles and hasattr(model, "recompute_bins")):
+            return None
+        geometry = tiling.Geometry(self.input_length, model._patch_margin, self.tile_chunk, model.affected_bins)
+        if any(abs(s) > geometry.max_shift for s in self.shifts):
+            return None
+        views = [(s, False) for s in self.shifts] + ([(s, True) for s in self.shifts] if self.rc else [])
+        sites = [(a.fasta_chrom, a.pos, len(a.ref), len(a.alt)) for a in alleles]
+        return tiling.plan_block(sites, views, geometry, max(1, self.batch_size // 2))
+
+    def _score_windows(self, genome, alleles: Sequence, executor: Executor | None,
+                       progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+        """The per-window path: :meth:`score` on ``batch_size`` alleles at a time."""
+        size = self.batch_size
+        groups = [alleles[k:k + size] for k in range(0, len(alleles), size)]
+        parts: dict[str, list[np.ndarray]] = {}
+        for k, (ref, alt) in enumerate(_prefetched(executor, lambda k: _windows(genome, groups[k]), len(groups))):
+            for name, values in self.score(ref, alt).items():
+                parts.setdefault(name, []).append(values)
+            if progress:
+                progress(min(len(alleles), (k + 1) * size))
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+    def _score_tiled(self, genome, alleles: Sequence, executor: Executor | None,
+                     progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+        """The tiled path, groups of ``batch_size // 2`` alleles by position (planned again: an out-of-memory
+        error halves them); chunks are computed when a group first needs them, dropped after the last."""
+        plan = self._plan(alleles)
+        geometry = plan.geometry
+
+        def host(g: int):
+            group = [alleles[i] for i in plan.groups[g]]
+            keys = plan.new_chunks[g]
+            codes = np.stack([tiling.chunk_codes(genome, key, geometry) for key in keys]) if keys else None
+            return _windows(genome, group), keys, codes
+
+        tiles: dict[tuple, torch.Tensor] = {}
+        out: dict[str, np.ndarray] = {}
+        done = 0
+        for g, ((ref, alt), keys, codes) in enumerate(_prefetched(executor, host, len(plan.groups))):
+            rows = plan.groups[g]
+            if keys:
+                self._compute_tiles(tiles, keys, codes, geometry)
+
+            def conv(x: torch.Tensor, view: int, start: int, rows=rows) -> torch.Tensor:  # [2B, T, C]
+                units = [plan.units[i, view] for i in rows[start:start + len(x) // 2]]
+                return self._tiled_conv(x, units, tiles, geometry)
+
+            pred_ref, pred_alt = self._predict_pairs(ref, alt, conv)
+            with stage("statistics"):
+                for name, values in statistics(pred_ref, pred_alt, self.stats).items():
+                    out.setdefault(name, np.empty((len(alleles), values.shape[1]), np.float32))[rows] = \
+                        values.cpu().numpy()
+            for key in plan.last_chunks[g]:
+                del tiles[key]
+            done += len(rows)
+            if progress:
+                progress(done)
+        return out
+
+    @torch.inference_mode()
+    def _compute_tiles(self, tiles: dict, keys: list[tuple], codes: np.ndarray, geometry: tiling.Geometry) -> None:
+        """Conv tower of tile chunks ``codes`` (``[n, chunk_bins x 128]``) at the conv stage's precision, as
+        many bp per call as a full batch; ``tiles[key]`` keeps each chunk's inner ``[keep, C]`` bins."""
+        per_call = max(1, self.batch_size * geometry.bins // geometry.chunk_bins)
+        m = geometry.margin
+        for k in range(0, len(keys), per_call):
+            with stage("encode"):
+                x = self._encode(codes[k:k + per_call])
+            with precision_mode(self.conv_precision, self.device), stage("conv tower tiles"):
+                conv = self._conv_chunks(x)
+            for key, chunk in zip(keys[k:k + per_call], conv, strict=True):
+                tiles[key] = chunk[m:m + geometry.keep].clone()  # its own storage: the batch is freed
+
+    def _tiled_conv(self, x: torch.Tensor, units: list[tiling.Unit], tiles: dict,
+                    geometry: tiling.Geometry) -> torch.Tensor:
+        """Conv-tower outputs ``[2B, T, C]`` float32 of ``x: [2B, L, 4]`` (B references, then their
+        alternatives; ``units`` their layouts) from the tiles: edge bins recomputed at the conv stage's
+        precision (an alternative's copied from its reference where their inputs agree there), the bins the
+        allele reaches recomputed for both alleles at the transformer's precision, as on the per-window path."""
+        model, n = self.model, len(units)
+        with stage("conv tower tiles"):
+            conv = torch.empty(2 * n, geometry.bins, model.config.channels, device=self.device)
+            for i, unit in enumerate(units):
+                for row, layout in ((i, unit.ref), (n + i, unit.alt)):
+                    for start, lo, hi in unit.pieces(layout, geometry):
+                        prefix = (unit.chrom, layout.strand, start % tiling.BIN_SIZE)
+                        for j, c0, c1, k0, k1 in tiling.tile_slices(start, lo, hi, geometry.keep):
+                            conv[row, k0:k1] = tiles[prefix + (j,)][c0:c1]
+        edges, copied = [], []
+        for i, unit in enumerate(units):
+            for (first, last), shared in zip(unit.edge_spans(geometry), unit.shared_edges, strict=True):
+                edges.append((i, first, last))
+                (copied if shared else edges).append((n + i, first, last))
+        with precision_mode(self.conv_precision, self.device), stage("conv tower edges"):
+            model.recompute_bins(conv, x, edges)
+        for row, first, last in copied:
+            conv[row, first:last + 1] = conv[row - n, first:last + 1]
+        changed = [(i, u.first, u.last) for i, u in enumerate(units)]
+        with precision_mode(self.transformer_precision, self.device), stage("conv tower patches"):
+            return model.recompute_bins(conv, x, changed + [(n + i, first, last) for i, first, last in changed])
+
+
+def _windows(genome, alleles: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Reference and alternative windows ``uint8 [n, 393,216]`` of ``alleles`` (docs/spec.md §3.4)."""
+    pairs = [allele_windows(genome, a.fasta_chrom, a.pos, a.ref, a.alt) for a in alleles]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _prefetched(executor: Executor | None, work: Callable[[int], object], count: int) -> Iterator:
+    """``work(0), ..., work(count - 1)``, each computed on ``executor`` while the caller uses the one
+    before (inline without an executor)."""
+    if executor is None:
+        yield from (work(k) for k in range(count))
+        return
+    pending = executor.submit(work, 0) if count else None
+    for k in range(count):
+        result = pending.result()
+        if k + 1 < count:
+            pending = executor.submit(work, k + 1)
+        yield result

@@ -41,3 +41,24 @@ def test_bench_memory_small(tmp_path):
     memory_table = text.split("## bench_memory", 1)[1].split("<!-- end bench_memory -->", 1)[0]
     assert re.search(r"^\| [\d-]+ \| .+ \| 2,000 \| 64 \| 4096 \|", memory_table, re.M), memory_table
     assert text.split("## bench_memory", 1)[0] == (BENCHMARKS / "RESULTS.md").read_text().split("## bench_memory", 1)[0]
+
+
+def test_bench_score_flop_account():
+    """The account's rows: the dense set is tiled in every block, the sparse one in none (its executed
+    count is then the per-window one)."""
+    out = run("bench_score.py", "--flop-account", "--quick")
+    number = r"(\d+\.\d+)"
+    dense = re.search(rf"^dense, 1 per 260 bp\s+7,700\s+\d+\s+8\s+8\s+{number}\s+{number}\s+{number}\s+{number}\s",
+                      out, re.M)
+    sparse = re.search(rf"^sparse, 1 per 50,000 bp\s+1,024\s+\d+\s+1\s+0\s+{number}\s+{number}\s+{number}\s+{number}",
+                       out, re.M)
+    assert dense and sparse, out
+    assert dense[3] == dense[4] and sparse[2] == sparse[4], out
+
+
+def test_bench_job_quick(tmp_path):
+    out = run("bench_job.py", "--quick", "--records", "24", "--modes", "reuse,tiles", "--keep", str(tmp_path))
+    assert re.search(r"^reuse\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+ MiB\s+[\d.]+\s+1\.00x\s+[\d.e+-]+\s+\(reference\)",
+                     out, re.M), out
+    assert re.search(r"^tiles\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+ MiB\s+[\d.]+\s+[\d.]+x\s+[\d.e+-]+\s+\d\.\d\de[+-]\d+",
+                     out, re.M), out

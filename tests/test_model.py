@@ -271,3 +271,20 @@ def test_convolve_changed_equals_a_full_pass(changes):
     untouched = torch.ones(reference.shape[1], dtype=torch.bool)
     untouched[max(first, 0):last + 1] = False
     assert torch.equal(full[0, untouched], reference[0, untouched])
+
+
+def test_recompute_bins_anywhere_equals_a_full_pass(tiny_enformer):
+    """Spans at the input's ends (their patches are cut there, where the padding is the input's own), inside,
+    several in one row and one reaching past both ends (clipped): the bins asked equal a full pass, the others
+    are left as they were."""
+    model = tiny_enformer(seed=2, conv_filters=[16, 16, 16, 16, 24, 24], target_length=32, random_statistics=True)
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 64 * 128), generator=torch.Generator().manual_seed(1)),
+                                    4).float()
+    with torch.inference_mode():
+        full = model._conv_stages(x)
+        conv = model.recompute_bins(torch.zeros_like(full), x, [(0, 0, 2), (0, 61, 63), (0, 30, 30), (1, -5, 70)])
+    asked = torch.zeros(64, dtype=torch.bool)
+    asked[[0, 1, 2, 30, 61, 62, 63]] = True
+    assert relative_error(conv[0, asked].numpy(), full[0, asked].numpy()) <= 1e-5
+    assert not conv[0, ~asked].any()
+    assert relative_error(conv[1].numpy(), full[1].numpy()) <= 1e-5

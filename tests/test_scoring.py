@@ -1,5 +1,6 @@
 """Statistics by hand, and the scorer on a base-counting toy model."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from helpers import cuda_only
 from toy_models import BaseCounter
 
 from enformer_vep.scoring import VariantScorer, parse_statistics, shifted, statistics, to_float16
+from enformer_vep.windows import allele_windows
 
 WINDOW = 393_216
 VARIANT = 196_607  # window offset of the variant's first base; model-input offset 98,303 = last base of bin 447
@@ -83,6 +85,37 @@ def test_selected_tracks_only(device):
     ref[VARIANT], alt[VARIANT] = ord("A"), ord("T")
     scorer = VariantScorer(BaseCounter(), stats=["SAD"], tracks=np.array([3, 0]), device=device)
     np.testing.assert_array_equal(scorer.score(ref[None], alt[None])["SAD"][0], [1, -1])
+
+
+class Contig:
+    """An in-memory contig: ``fetch`` as ``Genome.fetch`` (N outside it)."""
+
+    def __init__(self, text: bytes):
+        self.codes = np.frombuffer(text, np.uint8)
+
+    def fetch(self, chrom, start, end):
+        out = np.full(end - start, ord("N"), np.uint8)
+        lo, hi = max(start, 0), min(end, len(self.codes))
+        out[max(lo, start) - start:max(hi, lo) - start] = self.codes[lo:max(hi, lo)]
+        return out
+
+
+def test_score_block_scores_windows_like_score():
+    """A model without a trunk takes the per-window path: the windows of allele_windows, batch_size alleles
+    per ``score`` call, rows in the order given, progress after each call."""
+    rng = np.random.default_rng(1)
+    genome = Contig(np.frombuffer(b"ACGT", np.uint8)[rng.integers(0, 4, 300_000)].tobytes())
+    alleles = [SimpleNamespace(fasta_chrom="c", pos=pos, ref=genome.fetch("c", pos - 1, pos + size).tobytes().decode(),
+                               alt=alt) for pos, size, alt in [(150_000, 0, "N"), (20, 3, "A"), (299_990, 0, "ACGT"),
+                                                               (1_000, 0, "T")]]
+    scorer = VariantScorer(BaseCounter(), stats=["SAD", "D1"], batch_size=3)
+    done = []
+    got = scorer.score_block(genome, alleles, progress=done.append)
+    pairs = [allele_windows(genome, "c", a.pos, a.ref, a.alt) for a in alleles]
+    want = scorer.score(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+    assert done == [3, 4]
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_batches_of_any_size_give_the_same_scores():
