@@ -135,6 +135,15 @@ def today() -> str:
 
 # --- RESULTS.md ----------------------------------------------------------------------------------------
 
+def add_results_options(parser, what: str = "rows") -> None:
+    """``--append-results/--no-append-results`` (off) and ``--results PATH`` (benchmarks/RESULTS.md)."""
+    import argparse
+
+    parser.add_argument("--append-results", action=argparse.BooleanOptionalAction, default=False,
+                        help=f"append the {what} to benchmarks/RESULTS.md (default: off)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file for --append-results")
+
+
 def append_rows(section: str, header: list[str], rows: list[list[str]], path: Path = RESULTS) -> None:
     """Append ``rows`` to the table of ``section`` in RESULTS.md: before its ``<!-- end SECTION -->``
     marker, or as a new table at the end of the file when the marker is missing."""

@@ -48,12 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, help="model width (default: the released 1,536)")
     p.add_argument("--layers", type=int, help="transformer layers (default: the released 11)")
     p.add_argument("--quick", action="store_true", help="the tiny model of bench_score --quick and 64 records")
-    p.add_argument("--batch-size", type=int, default=4, help="--batch-size of the job (default 4, the CPU default)")
+    p.add_argument("--device", default="cpu", help="--device of the job (default cpu; e.g. cuda)")
+    p.add_argument("--batch-size", default="auto", help="--batch-size of the job (default auto: 4 on CPU, 32 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the genome, the variants and the weights")
     p.add_argument("--keep", type=Path, help="keep the inputs and outputs in this folder (default: a temporary one)")
-    p.add_argument("--append-results", action=argparse.BooleanOptionalAction, default=False,
-                   help="append the rows to benchmarks/RESULTS.md (default: off)")
-    p.add_argument("--results", type=Path, default=_common.RESULTS, help="the results file for --append-results")
+    _common.add_results_options(p, "rows")
     args = p.parse_args(argv)
     if args.quick:
         if args.channels or args.layers:
@@ -106,11 +105,13 @@ def main(argv=None) -> int:
         model = calibrated_random_weights(Enformer(config).eval(), args.seed, torch.device("cpu"))
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
         weights = save_native(state, folder / "model.safetensors", source=model_text)
-        flops = tiling.plan_flops(config, variants, batch_size=args.batch_size)
+        batch = (4 if args.device == "cpu" else 32) if args.batch_size == "auto" else int(args.batch_size)
+        flops = tiling.plan_flops(config, variants, batch_size=batch)
         tflop = {"reuse": flops["reuse"], "tiles": flops["executed"], "full": flops["full"]}
         del model
 
-        print(f"bench_job {_common.today()}  device: cpu, {_common.cpu_name()}, {torch.get_num_threads()} threads  "
+        machine = _common.device_name(args.device)
+        print(f"bench_job {_common.today()}  device: {args.device}, {machine}  "
               f"commit {_common.git_revision()}  torch {torch.__version__}  load average {os.getloadavg()[0]:.2f}")
         indels = sum(len(r) != len(a) for _, _, r, a in variants)
         print(f"model: {model_text}; VCF: {len(variants)} records ({indels} indels) over "
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         for mode in args.modes:
             out = folder / f"out_{mode}"
             command = [sys.executable, "-m", "enformer_vep", str(folder / "dense.vcf"), "--fasta",
-                       str(folder / "genome.fa"), "--model", str(weights), "--device", "cpu", "--no-progress",
+                       str(folder / "genome.fa"), "--model", str(weights), "--device", args.device, "--no-progress",
                        "--stats", "SAD", "--batch-size", str(args.batch_size), "--overwrite", "-o", str(out),
                        *MODES[mode]]
             print(f"{mode}: {shlex.join(command)}", flush=True)
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
             else:
                 difference = f"{np.abs(sad - first_sad).max() / (first_sad.max() - first_sad.min()):.2e}"
             base = runs[args.modes[0]]["wall"]
-            rows.append([_common.today(), f"cpu, {_common.cpu_name()}", _common.git_revision(), model_text,
+            rows.append([_common.today(), f"{args.device}, {machine}", _common.git_revision(), model_text,
                          str(len(variants)), mode, f"{run['wall']:.1f}", f"{run['user']:.1f}", f"{run['system']:.1f}",
                          f"{run['peak_mib']:.0f} MiB", f"{len(variants) / run['wall']:.3f}",
                          f"{base / run['wall']:.2f}x", f"{tflop[mode]:.3g}", difference])

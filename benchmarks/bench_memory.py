@@ -125,9 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "temporary directory, deleted)")
     p.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
     p.add_argument("--profile-top", type=int, default=25, help="functions listed with --profile (default 25)")
-    p.add_argument("--append-results", action=argparse.BooleanOptionalAction, default=False,
-                   help="append the row to benchmarks/RESULTS.md (default: off)")
-    p.add_argument("--results", type=Path, default=_common.RESULTS, help="the results file for --append-results")
+    _common.add_results_options(p, "row")
     args = p.parse_args(argv)
     if args.records < 1:
         p.error("--records must be >= 1")

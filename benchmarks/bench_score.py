@@ -86,9 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--warmup", type=int, help="variants scored untimed before each timed run (default: one batch "
                                               "on CUDA, 1 on CPU)")
-    p.add_argument("--append-results", action=argparse.BooleanOptionalAction, default=False,
-                   help="append the rows to benchmarks/RESULTS.md (default: off)")
-    p.add_argument("--results", type=Path, default=_common.RESULTS, help="the results file for --append-results")
+    _common.add_results_options(p, "rows")
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = p.parse_args(argv)
     if args.quick:

@@ -61,6 +61,7 @@ if [[ $DRY == 1 ]]; then
     PROFILE=(--quick --device cpu --precision bf16/tf32 --batch-size 4 --batches 2 --pipeline-batches 2)
     E2E_REGION=(--region chr1:602000-605000)
     TWO="cpu,cpu"
+    TILES=(--quick --records 24)
 else
     DEVICE=cuda
     # the GPU image lacks these packages: carried as wheels (benchmarks/README.md says which)
@@ -81,6 +82,7 @@ else
     PROFILE=(--device cuda --precision bf16/tf32 --batch-size 32 --batches 3 --pipeline-batches 8)
     E2E_REGION=()
     TWO="cuda:0,cuda:0"
+    TILES=(--device cuda --records 1024)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
@@ -96,6 +98,8 @@ step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 
 step bench_score 220 $PY benchmarks/bench_score.py "${BENCH[@]}" "${RUNS[@]}" --json "$OUT/bench.json" \
     --append-results --results "$OUT/RESULTS.md"
+
+step bench_tiles 150 $PY benchmarks/bench_job.py "${TILES[@]}" --append-results --results "$OUT/RESULTS.md"
 
 step profile 120 $PY benchmarks/profile_score.py "${PROFILE[@]}" --out "$OUT/profile"
 

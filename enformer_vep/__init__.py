@@ -16,6 +16,7 @@ _EXPORTS = {
     "merge_runs": "merge",
     "VariantScorer": "scoring",
     "read_variants": "variants",
+    "read_scores": "reader", "read_gene_scores": "reader", "top_variants": "reader",
     "EnformerVepError": "errors", "InputError": "errors", "WeightsError": "errors", "DownloadError": "errors",
 }
 

@@ -60,6 +60,7 @@ def cli():
     enformer-score merge part*/ -o scores/
     enformer-score convert SOURCE model.safetensors
     enformer-score index in.vcf                      (bgzip + tabix, no other tool needed)
+    enformer-score top scores/ -n 20                 (the alleles with the largest effects)
     """
 
 
@@ -76,6 +77,11 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    """Comma-separated words, blanks dropped."""
+    return [w.strip() for w in text.split(",") if w.strip()]
 
 
 def _batch_size(text: str) -> int | None:
@@ -203,6 +209,20 @@ def _stats(text: str) -> tuple[str, ...]:
                    "of the family's track of largest |SAD| for each ALT allele, and that track's identifier "
                    "('.' for alleles not scored). bgzip-compressed, with a .tbi index. Needs SAD in --stats; "
                    "with --shard, give it to `merge` instead.")
+@click.option("--genes", type=click.Path(dir_okay=False, exists=True), metavar="GTF|GFF3|BED",
+              help="Also score genes: every gene with a transcription start site (TSS) among a variant's 896 "
+                   "output bins gets SED/logSED per track, summed over its TSS bins, in "
+                   "OUT/PREFIX.CHROM.genes.h5. A GTF or GFF3 (plain or gzip; GENCODE or Ensembl; TSS = each "
+                   "transcript's 5' end) or a BED6 of TSSs (name = gene, strand).")
+@click.option("--gene-types", metavar="LIST", callback=lambda c, p, v: tuple(_words(v)) if v else None,
+              help="With --genes: keep only these gene types (comma-separated, e.g. protein_coding,lncRNA: "
+                   "GENCODE gene_type, Ensembl gene_biotype). Default: all.")
+@click.option("--tss-bins", type=click.IntRange(min=1), default=3, show_default=True,
+              help="With --genes: output bins per TSS, odd: the TSS's own bin and (N-1)/2 on each side, as the "
+                   "Enformer paper's gene-expression evaluation (3).")
+@click.option("--gene-stats", default="SED,logSED", show_default=True, callback=lambda c, p, v: tuple(_words(v)),
+              help="With --genes: SED = sum over the TSS bins of alt minus ref; logSED = log2(alt sum + 1) - "
+                   "log2(ref sum + 1).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar. Default: a bar on a terminal, a log line every 30 s otherwise.")
 def score(**kwargs):
@@ -242,7 +262,7 @@ def merge(shard_dirs, out_dir, overwrite, vcf_out):
     from .merge import merge_runs
 
     done = merge_runs(shard_dirs, out_dir, overwrite=overwrite, vcf_out=vcf_out)
-    files = len([f for f in done["files"] if f.endswith(".h5")])
+    files = len([f for f, entry in done["files"].items() if "chrom" in entry])
     _report(f"merged {plural(len(shard_dirs), 'shard')}: {plural(done['summary']['scored'], 'row')} into "
             f"{plural(files, 'file')} in {out_dir}")
 
@@ -316,6 +336,29 @@ def contrib(region, fasta, prefix, bins, **kwargs):
 
 
 @cli.command()
+@click.argument("scores_dir", type=click.Path(file_okay=False, exists=True), metavar="SCORES_DIR")
+@click.option("-n", "--number", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Variant alleles to list.")
+@click.option("--stat", default="SAD", show_default=True, help="Statistic to rank by (its largest |value| over "
+                                                                  "the tracks).")
+@click.option("--family", help="Only this assay family's tracks (CAGE, DNASE, CHIP, ATAC...: the track "
+                               "description before ':'). Default: all tracks.")
+@click.option("--tsv", type=click.Path(dir_okay=False), help="Also write the full table here (tab-separated).")
+def top(scores_dir, number, stat, family, tsv):
+    """The variant alleles of a finished run with the largest effects: per allele, the signed value
+    at its strongest track (and the next two), strongest alleles first."""
+    from .reader import top_variants
+
+    table = top_variants(scores_dir, number, stat=stat, family=family)
+    shown = table.copy()
+    shown["description"] = [text if len(text) <= 40 else text[:37] + "..." for text in shown["description"]]
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:+.4g}"))
+    if tsv:
+        table.to_csv(tsv, sep="\t", index=False)
+        _report(f"wrote {tsv}")
+
+
+@cli.command()
 @click.argument("scores_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False),
               help="Output directory: pca.npz (when fitted) and PREFIX.CHROM.pc.tsv.gz (+ .tbi) per chromosome.")
@@ -360,8 +403,11 @@ def plot():
                    "variant's --top tracks of largest |SAD| there are plotted.")
 @click.option("--top", type=click.IntRange(1, 50), default=4, show_default=True,
               help="Tracks taken from --scores when --tracks is not given.")
+@click.option("--genes", type=click.Path(dir_okay=False, exists=True), metavar="GTF|GFF3|BED",
+              help="Draw the TSSs of this annotation's genes in the window (as for `score --genes`). Default: "
+                   "the --scores run's annotation when it scored genes.")
 @_model_options
-def plot_variant(variant, fasta, out, scores_dir, top, **kwargs):
+def plot_variant(variant, fasta, out, scores_dir, top, genes, **kwargs):
     """Reference, alternative and alt - ref predictions around VARIANT (CHR:POS:REF:ALT).
 
     Two panels per track (ref and alt; alt - ref), titled with the track description, on
@@ -370,7 +416,7 @@ def plot_variant(variant, fasta, out, scores_dir, top, **kwargs):
     """
     from .jobs import plot_variant_job
 
-    figure = plot_variant_job(variant, fasta, out, _choice(kwargs), scores_dir=scores_dir, top=top)
+    figure = plot_variant_job(variant, fasta, out, _choice(kwargs), scores_dir=scores_dir, top=top, genes=genes)
     _report(f"wrote {out}: {plural(len(figure.axes), 'panel')}")
 
 
@@ -427,12 +473,13 @@ def _new_heads(values) -> list[tuple[str, int]]:
               help="Add (or replace) head NAME with N tracks, randomly initialised (fine-tuning; repeatable).")
 @click.option("--freeze-trunk", is_flag=True, help="Train only the heads (trunk weights and batch statistics fixed).")
 @click.option("--steps", type=click.IntRange(min=0), default=150_000, show_default=True, help="Global steps.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak Adam learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Peak Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5_000, show_default=True,
               help="Linear warm-up steps to --lr.")
-@click.option("--clip-grad-norm", type=float,
+@click.option("--clip-grad-norm", type=click.FloatRange(min=0, min_open=True),
               help="Clip the global gradient norm to this value (default: no clipping).")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast of the forward pass (CUDA only).")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast of the forward pass (CUDA only: refused on the CPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, dropout and shuffling.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Sequences per step and head.")

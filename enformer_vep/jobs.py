@@ -18,6 +18,7 @@ from . import __version__
 from .basenji_data import batches, read_statistics
 from .contrib import DEFAULT_BINS, contributions, write_contrib
 from .errors import InputError
+from .genes import read_annotation
 from .genome import Genome
 from .model import BIN_SIZE, Enformer, EnformerConfig
 from .output import find_variant
@@ -157,7 +158,7 @@ def _run_record(scores_dir: str) -> dict:
     try:
         record = json.loads((directory / "run.json").read_text())
         done = json.loads((directory / "done.json").read_text())
-        first = next(name for name in done["files"] if name.endswith(".h5"))
+        first = next(name for name, entry in done["files"].items() if "chrom" in entry)
         with h5py.File(directory / first, "r") as f:
             record["model_source"] = str(f.attrs["model_source"])
         record["model_sha256"] = str(record["model_sha256"])
@@ -200,13 +201,14 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *, scores_dir: str | None = None,
-                     top: int = 4) -> Figure:
+                     top: int = 4, genes: str | None = None) -> Figure:
     """``enformer-score plot variant``: ref, alt and alt - ref of the chosen tracks over the 896 bins
     around ``variant`` (``chr:pos:ref:alt``, or with ``scores_dir`` also a VCF ID of that run), computed
     with the model. Without --tracks and with ``scores_dir``: the ``top`` tracks of largest |SAD| in the
     run. With ``scores_dir`` the predictions use the run's model (refused when the weights at hand are
     other ones) and each panel shows the track's SAD and rank in the run. REF must match the FASTA.
-    Returns the figure (2 axes per track)."""
+    The TSSs of ``genes`` (an annotation as for ``--genes``; default: the run's own, if it scored genes)
+    in the window are drawn. Returns the figure (2 axes per track)."""
     genome = Genome(fasta)
     run = None
     if scores_dir:
@@ -268,9 +270,16 @@ def plot_variant_job(variant: str, fasta: str, out: str, choice: ModelChoice, *,
     starts = bin_starts(pos)
     shown = slice(starts[0] - window_start(pos), starts[-1] + BIN_SIZE - window_start(pos))
     labels = [targets.labels[i] for i in tracks]
+    genes = genes or (run or {}).get("options", {}).get("genes")
+    tss = []
+    if genes:
+        annotation = read_annotation(genes, genome.contigs)
+        positions, which = annotation.within(fasta_chrom, int(starts[0]), int(starts[-1]) + BIN_SIZE)
+        tss = [(p, annotation.genes[g].gene_name, annotation.genes[g].strand)
+               for p, g in zip(positions.tolist(), which.tolist(), strict=True)]
     figure = plot_variant(predictions[0], predictions[1], starts, labels, chrom=chrom, pos=pos, ref_allele=ref,
                           alt_allele=alt, variant_id=variant_id, model=model_label(source, digest), track_ids=ids,
-                          notes=notes, gaps=n_stretches(windows[0][shown], int(starts[0])))
+                          notes=notes, gaps=n_stretches(windows[0][shown], int(starts[0])), tss=tss)
     save_figure(figure, out)
     return figure
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 
 from .errors import InputError
-from .output import ROW_FIELDS
+from .output import GENE_FIELDS, GENE_NUMBERS, ROW_FIELDS
 from .rundir import RunDirectory, verify_done
 from .targets import Targets
 from .text import from_bytes
@@ -32,6 +32,23 @@ class H5Source:
         with h5py.File(self.path, "r") as f:
             for start in range(0, self.size, PIECE_ROWS):
                 yield {name: f[name][start:start + PIECE_ROWS] for name in (*ROW_FIELDS, *self.stats)}
+
+
+class GeneH5Source:
+    """(allele, gene) rows of one shard's genes file, for :func:`output.write_gene_scores` (``si`` is
+    already counted from the shard file's first row)."""
+
+    def __init__(self, path: Path, stats: Sequence[str]):
+        self.path, self.stats = path, stats
+        with h5py.File(path, "r") as f:
+            self.size = len(f["si"])
+            self.widths = {field: f[field].dtype.itemsize for field in GENE_FIELDS}
+            self.clipped = {name: int(f[name].attrs["clipped"]) for name in stats}
+
+    def pieces(self) -> Iterator[dict]:
+        with h5py.File(self.path, "r") as f:
+            for start in range(0, self.size, PIECE_ROWS):
+                yield {name: f[name][start:start + PIECE_ROWS] for name in (*GENE_NUMBERS, *GENE_FIELDS, *self.stats)}
 
 
 class _Shard:
@@ -105,16 +122,30 @@ def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
         for name, entry in shard.done["files"].items():
             if "chrom" in entry:
                 chroms.setdefault(entry["chrom"], []).append(shard.dir / name)
-    attrs, targets = {}, Targets([], [])
+    attrs, gene_attrs, targets = {}, None, Targets([], [])
     if chroms:  # every shard file holds the same attributes and tracks (one run): take them from one
-        with h5py.File(next(iter(chroms.values()))[0], "r") as f:
+        first = next(iter(chroms.values()))[0]
+        with h5py.File(first, "r") as f:
             attrs = {k: v for k, v in f.attrs.items() if k != "run_fingerprint"}
             targets = Targets([t.decode() for t in f["target_ids"][:]], [t.decode() for t in f["target_labels"][:]])
+    gene_stats, genes = (list(options["gene_stats"]), {}) if options.get("genes") else (None, None)
+    if genes is not None:
+        for chrom, paths in chroms.items():
+            genes[chrom] = [GeneH5Source(_genes_file(p), gene_stats) for p in paths]
+        if chroms:
+            with h5py.File(_genes_file(first), "r") as f:
+                gene_attrs = {k: v for k, v in f.attrs.items() if k != "run_fingerprint"}
     return run.publish({chrom: [H5Source(p, stats) for p in paths] for chrom, paths in chroms.items()},
                        [_skipped_lines(s.dir / "skipped.tsv") for s in shards], targets, stats, attrs,
                        percentiles=options["percentiles"],
                        extra={"shard": None, "merged_from": [str(s.dir.resolve()) for s in shards]},
-                       ref_mismatch_scored=sum(s.done["summary"]["ref_mismatch_scored"] for s in shards))
+                       ref_mismatch_scored=sum(s.done["summary"]["ref_mismatch_scored"] for s in shards),
+                       genes=genes, gene_stats=gene_stats, gene_attrs=gene_attrs)
+
+
+def _genes_file(variant_file: Path) -> Path:
+    """A shard's genes file beside its variant file ``PREFIX.CHROM.h5``."""
+    return variant_file.with_name(variant_file.name[:-len(".h5")] + ".genes.h5")
 
 
 def _skipped_lines(path: Path) -> Iterator[tuple[int, str]]:

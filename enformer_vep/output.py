@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import atomic_path, atomic_write
 from .errors import InputError
-from .scoring import STATISTICS
+from .scoring import GENE_STATISTICS, STATISTICS
 from .targets import Targets
 from .text import from_bytes, to_bytes
 
@@ -24,6 +24,8 @@ PERCENTILES = np.concatenate([np.arange(0.001, 0.1, 0.001), np.arange(0.1, 0.9, 
 ROW_CHUNK = 64  # HDF5 chunk rows: reading one variant's tracks touches one chunk
 WRITE_ROWS = 64 * ROW_CHUNK  # rows per HDF5 write: whole chunks, the same for every source layout
 ROW_FIELDS = ("snp", "chr", "pos", "ref", "alt")
+GENE_FIELDS = ("gene_id", "gene_name", "gene_type", "strand")  # byte strings of a genes file
+GENE_NUMBERS = {"si": np.uint32, "tss_distance": np.int32, "n_tss": np.uint16}
 SKIPPED_COLUMNS = ("chrom", "pos", "id", "ref", "alt", "reason", "record")
 
 
@@ -59,7 +61,7 @@ class _RowWriter:
     def add(self, piece: Mapping[str, np.ndarray]) -> None:
         for name, values in piece.items():
             self.buffer[name].append(values)
-        self.buffered += len(piece["pos"])
+        self.buffered += len(next(iter(piece.values())))
         if self.buffered >= WRITE_ROWS:
             self.flush(WRITE_ROWS * (self.buffered // WRITE_ROWS))
 
@@ -104,6 +106,39 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
             _write_percentiles(f, stats)
 
 
+def write_gene_scores(path: Path, sources: Sequence[tuple[int, object]], targets: Targets, stats: Sequence[str],
+                      attrs: Mapping, *, tmp_dir: Path) -> None:
+    """One chromosome's genes file (docs/spec.md §6.1.1) at ``path`` from ``(row offset, source)`` pairs:
+    each source has ``size`` (pairs), ``widths`` (of :data:`GENE_FIELDS`), ``clipped`` and ``pieces()``
+    yielding its rows with ``si`` counted from its own first variant row, to which ``row offset`` (that
+    row's index in the chromosome's variant file) is added. Fixed row blocks: byte-identical files
+    whatever the sources."""
+    n, n_tracks = sum(s.size for _, s in sources), len(targets)
+    widths = {f: max([1] + [s.widths[f] for _, s in sources if s.size]) for f in GENE_FIELDS}
+    with atomic_path(path, tmp_dir) as tmp, h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        for key, value in sorted(attrs.items()):
+            f.attrs[key] = value
+        datasets = {field: f.create_dataset(field, (n,), dtype=dtype, track_times=False)
+                    for field, dtype in GENE_NUMBERS.items()}
+        datasets.update({field: f.create_dataset(field, (n,), dtype=f"S{widths[field]}", track_times=False)
+                         for field in GENE_FIELDS})
+        for name in stats:
+            datasets[name] = f.create_dataset(name, (n, n_tracks), dtype=np.float16,
+                                              chunks=(max(1, min(n, ROW_CHUNK)), n_tracks), compression="gzip",
+                                              compression_opts=4, shuffle=True, track_times=False)
+            datasets[name].attrs["formula"] = GENE_STATISTICS[name]
+            datasets[name].attrs["clipped"] = sum(s.clipped[name] for _, s in sources if s.size)
+        writer = _RowWriter(datasets)
+        for offset, source in sources:
+            if source.size:
+                for piece in source.pieces():
+                    writer.add(piece | {"si": (piece["si"].astype(np.int64) + offset).astype(np.uint32)})
+        if writer.buffered:
+            writer.flush()
+        f.create_dataset("target_ids", data=byte_strings(targets.ids), track_times=False)
+        f.create_dataset("target_labels", data=byte_strings(targets.labels), track_times=False)
+
+
 def _write_percentiles(f: h5py.File, stats: Sequence[str], max_block_bytes: int = 1 << 29) -> None:
     """``percentiles`` [279] and ``<STAT>_pct`` [T, 279]: per-track quantiles over all rows."""
     f.create_dataset("percentiles", data=PERCENTILES, track_times=False)
@@ -126,8 +161,8 @@ def find_variant(out_dir: str | Path, key: str) -> dict:
 
     done = verify_done(Path(out_dir))
     parts = key.split(":")
-    for name in done["files"]:
-        if not name.endswith(".h5"):
+    for name, entry in done["files"].items():
+        if "chrom" not in entry:  # skipped.tsv, genes files
             continue
         with h5py.File(Path(out_dir) / name, "r") as f:
             snp = np.array([from_bytes(s) for s in f["snp"][:]], dtype=object)

@@ -129,7 +129,7 @@ def scored_files(scores_dir: str | Path) -> dict[Path, int]:
                          f"give the -o directory of an enformer-score run, shard or merge")
     done = verify_done(directory)
     try:
-        files = {directory / name: int(entry["rows"]) for name, entry in done["files"].items() if name.endswith(".h5")}
+        files = {directory / name: int(entry["rows"]) for name, entry in done["files"].items() if "chrom" in entry}
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{directory / DONE} is unreadable: rerun its enformer-score command") from None
     if not files:

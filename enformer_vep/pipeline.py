@@ -20,10 +20,13 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .atomic import sha256_file
 from .errors import EnformerVepError, InputError, plural, preview
+from .genes import GeneAnnotation, allele_gene_bins, read_annotation
 from .genome import Genome, GenomeBlocks
+from .output import byte_strings
 from .rundir import RunDirectory
-from .scoring import STATISTICS, VariantScorer, default_device, default_precision, to_float16
+from .scoring import GENE_STATISTICS, STATISTICS, VariantScorer, default_device, default_precision, to_float16
 from .shards import Part, record_layout, shard_part
 from .targets import Targets, head_targets, select_tracks
 from .text import from_bytes
@@ -39,7 +42,7 @@ from .variants import (
 from .vcf_index import index_record_counts
 from .vcf_out import check_vcf_out_path, write_annotated_vcf
 from .weights import default_model_source, load_model, source_digest
-from .windows import ref_matches
+from .windows import VARIANT_OFFSET, WINDOW, ref_matches
 
 log = logging.getLogger("enformer_vep")
 
@@ -78,6 +81,10 @@ class ScoreOptions:
     checkpoint_every: int = 1024
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
     max_ref_mismatch: float = 0.1  # stop when more of the first REF_SAMPLE alleles mismatch the FASTA
+    genes: str | None = None  # GTF, GFF3 or BED6 of TSSs: also score each gene near a variant (genes files)
+    gene_types: tuple[str, ...] | None = None  # keep only these gene types; None: all
+    tss_bins: int = 3  # output bins per TSS: its own and (tss_bins - 1) / 2 either side
+    gene_stats: tuple[str, ...] = tuple(GENE_STATISTICS)
 
     def head_tracks(self, heads: dict[str, int]) -> tuple[Targets, np.ndarray]:
         """The scored head's track table and the columns ``tracks`` chooses (int64 ``[T]``)."""
@@ -87,7 +94,8 @@ class ScoreOptions:
     def output_settings(self) -> dict:
         """The options that shape the output (a rerun must repeat them to resume)."""
         keep = ("pass_only", "ref_mismatch", "stats", "rc", "shifts", "tracks", "reuse", "tiles", "compile",
-                "organism", "targets", "percentiles", "checkpoint_every", "prefix")
+                "organism", "targets", "percentiles", "checkpoint_every", "prefix", "genes", "gene_types",
+                "tss_bins", "gene_stats")
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
         # the records selected, named as the VCF names them: `1:1-9` and `chr1:1-9` are one setting
         return settings | {"regions": canonical_selection(self.vcf, self.regions, self.chroms), "chroms": []}
@@ -103,14 +111,17 @@ class Summary:
     files: dict
     contig_lengths: list = dataclasses.field(default_factory=list)  # variants.contig_length_differences
     already_done: bool = False  # the run was complete (done.json verified) before this call
+    gene_files: dict = dataclasses.field(default_factory=dict)  # {chrom: (genes file, (allele, gene) rows)}
 
     @classmethod
     def from_done(cls, done: dict, out: Path, seconds: float) -> Summary:
         """The summary a completion record (``done.json``) holds."""
         counts = done["summary"]
         files = {entry["chrom"]: out / name for name, entry in done["files"].items() if "chrom" in entry}
+        genes = {entry["genes_of"]: (out / name, entry["rows"]) for name, entry in done["files"].items()
+                 if "genes_of" in entry}
         return cls(counts["scored"], collections.Counter(counts["skipped"]), counts["ref_mismatch_scored"],
-                   counts["clipped"], seconds, files)
+                   counts["clipped"], seconds, files, gene_files=genes)
 
     @property
     def ref_mismatches(self) -> tuple[int, int]:
@@ -135,6 +146,7 @@ class Summary:
         out += [f"{name}: {n} values clipped to the float16 range" for name, n in self.clipped.items() if n]
         out += [_length_message(d) for d in self.contig_lengths]
         out += [f"wrote {path}" for path in self.files.values()]
+        out += [f"wrote {path} ({plural(rows, 'allele-gene pair')})" for path, rows in self.gene_files.values()]
         return out
 
 
@@ -237,6 +249,7 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
         part = shard_part(layout, options.checkpoint_every, *options.shard)
     read_variants(options.vcf, genome.contigs, regions=options.regions, chroms=options.chroms)
     _check_ref_mismatch_rate(options, genome)
+    annotation = read_annotation(options.genes, genome.contigs, options.gene_types) if options.genes else None
     length_differences = contig_length_differences(options.vcf, genome.contigs)
     for difference in length_differences:
         log.warning(_length_message(difference))
@@ -256,6 +269,8 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     provenance = {"enformer_vep_version": __version__, "model_sha256": model_sha256,
                   "vcf": os.path.abspath(options.vcf), "fasta": os.path.abspath(options.fasta),
                   "fasta_index_sha256": genome.index_checksum()}
+    if options.genes:
+        provenance |= {"annotation": os.path.abspath(options.genes), "annotation_sha256": sha256_file(options.genes)}
     vcf_stat = os.stat(options.vcf)
     fingerprint = provenance | {"contig_length_differences": length_differences,
                                 "vcf_size": vcf_stat.st_size, "vcf_mtime_ns": vcf_stat.st_mtime_ns,
@@ -270,7 +285,8 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
     already_done = done is not None
     if done is None:
         if len(devices) == 1:
-            blocks = _score_part(options, part, devices[0], 0, 1, run, model=model, progress=options.progress)
+            blocks = _score_part(options, part, devices[0], 0, 1, run, model=model, progress=options.progress,
+                                 annotation=annotation)
         else:
             del model
             blocks = _run_workers(options, part, devices, run)
@@ -279,8 +295,11 @@ def score_vcf(options: ScoreOptions, model=None) -> Summary:
             "layout_sha256": layout.digest(), "checkpoint_every": options.checkpoint_every,
             "blocks": sorted([chrom, index] for chrom, index in part.blocks)}
         extra["vcf_out"] = os.path.abspath(options.vcf_out) if options.vcf_out else None  # --overwrite removes it
+        gene_attrs = attrs | {"tss_bins": options.tss_bins,
+                              "statistics": json.dumps({k: GENE_STATISTICS[k] for k in options.gene_stats})}
         done = run.finish(blocks, targets.subset(tracks), options.stats, attrs, percentiles=options.percentiles,
-                          extra=extra)
+                          extra=extra, gene_stats=list(options.gene_stats) if options.genes else None,
+                          gene_attrs=gene_attrs)
     summary = Summary.from_done(done, run.out, time.monotonic() - started)
     summary.contig_lengths, summary.already_done = length_differences, already_done
     if summary.scored == 0:
@@ -327,6 +346,12 @@ def _check_options(options: ScoreOptions) -> None:
         check_vcf_out_path(options.vcf_out)
     if not 0 <= options.max_ref_mismatch <= 1:
         raise InputError(f"--max-ref-mismatch is a fraction from 0 to 1, not {options.max_ref_mismatch}")
+    if options.tss_bins < 1 or options.tss_bins % 2 == 0:
+        raise InputError(f"--tss-bins is an odd number of bins (the TSS's own and as many on each side), "
+                         f"not {options.tss_bins}")
+    unknown = set(options.gene_stats) - set(GENE_STATISTICS)
+    if unknown or not options.gene_stats:
+        raise InputError(f"--gene-stats takes {', '.join(GENE_STATISTICS)}, not {', '.join(sorted(unknown)) or '-'}")
 
 
 def _check_ref_mismatch_rate(options: ScoreOptions, genome: Genome) -> None:
@@ -357,9 +382,11 @@ def _skipped_contigs(path: Path) -> list[str]:
 
 
 def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: int, workers: int,
-                run: RunDirectory, *, model=None, progress: bool | None = False) -> list[tuple[str, int]]:
+                run: RunDirectory, *, model=None, progress: bool | None = False,
+                annotation: GeneAnnotation | None = None) -> list[tuple[str, int]]:
     """Stage this worker's blocks of ``part`` (None: the whole stream): the ``worker``-th of every
-    ``workers`` blocks in stream order. Returns every block of the part, in stream order."""
+    ``workers`` blocks in stream order. Returns every block of the part, in stream order. With
+    ``options.genes``, genes are scored too (``annotation``: that file read already)."""
     genome = Genome(options.fasta)
     if part is not None and not part.blocks:
         return []
@@ -372,14 +399,16 @@ def _score_part(options: ScoreOptions, part: Part | None, device: str, worker: i
     scorer = VariantScorer(model, head=options.organism, tracks=tracks, stats=options.stats, rc=options.rc,
                            shifts=options.shifts, device=device, batch_size=options.batch_size,
                            precision=options.precision, reuse=options.reuse, tiles=options.tiles,
-                           compile=options.compile)
+                           compile=options.compile, gene_stats=options.gene_stats)
     if part is not None:
         total = part.records
     else:
         total = None if options.regions or options.chroms else _indexed_record_count(options.vcf)
     offset = 0 if part is None else part.record_offset
+    if options.genes and annotation is None:
+        annotation = read_annotation(options.genes, genome.contigs, options.gene_types)
     blocks, records = _stream(options, part, variants, genome, scorer, run, worker, workers, offset,
-                              _Progress(progress, total))
+                              _Progress(progress, total), annotation)
     if part is not None and (set(blocks) != part.blocks or records != part.records):
         raise InputError(f"{options.vcf} does not hold the records its index counts ({part.records} expected in "
                          f"shard {part.shard}/{part.shards}, {records} read): rebuild the index")
@@ -400,7 +429,7 @@ class _Block:
 
 def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, scorer: VariantScorer,
             run: RunDirectory, worker: int, workers: int, offset: int,
-            progress: _Progress) -> tuple[list[tuple[str, int]], int]:
+            progress: _Progress, annotation: GeneAnnotation | None = None) -> tuple[list[tuple[str, int]], int]:
     """Read the stream block by block, scoring and staging the blocks this worker owns and has not
     staged yet. Returns the part's blocks in stream order and how many records they hold."""
     size = options.checkpoint_every
@@ -413,7 +442,7 @@ def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, 
 
     def flush(block: _Block) -> None:
         if block.mine:
-            _score_chunk(run, scorer, window_thread, blocks_reader, block, progress)
+            _score_chunk(run, scorer, window_thread, blocks_reader, block, progress, annotation, options.tss_bins)
 
     last_record, block = -1, None
     try:
@@ -504,10 +533,12 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: ThreadPoolExecutor, blocks: GenomeBlocks,
-                 block: _Block, progress: _Progress) -> None:
+                 block: _Block, progress: _Progress, annotation: GeneAnnotation | None = None,
+                 tss_bins: int = 3) -> None:
     """Score a block's rows (``VariantScorer.score_block``: windows and tiles built on ``window_thread`` from
-    ``blocks`` while the device computes) and stage it with its skipped rows. Progress advances with the
-    rows scored (the block's records in proportion to its rows)."""
+    ``blocks`` while the device computes) and stage it with its skipped rows, and with ``annotation`` its
+    (allele, gene) rows. Progress advances with the rows scored (the block's records in proportion to its
+    rows)."""
     rows, counted = block.rows, 0
 
     def advance(scored: int) -> None:
@@ -516,11 +547,32 @@ def _score_chunk(run: RunDirectory, scorer: VariantScorer, window_thread: Thread
         progress.update(done - counted)
         counted = done
 
+    genes = None if annotation is None else [
+        allele_gene_bins(annotation, r.fasta_chrom, r.pos, len(r.ref), min(len(r.alt), WINDOW - VARIANT_OFFSET),
+                         tss_bins) for r in rows]
+    values = scorer.score_block(blocks, rows, executor=window_thread, progress=advance, genes=genes)
     stats16, clipped = {}, {}
-    for name, values in scorer.score_block(blocks, rows, executor=window_thread, progress=advance).items():
-        stats16[name], clipped[name] = to_float16(values)
-    run.write_chunk(block.chrom, block.index, rows, stats16, clipped, block.skips, block.mismatched)
+    for name in scorer.stats if rows else ():  # a block of skipped records only has no statistics
+        stats16[name], clipped[name] = to_float16(values[name])
+    gene_rows = None if genes is None or not rows else \
+        _gene_rows(annotation, genes, {k: values[k] for k in scorer.gene_stats})
+    run.write_chunk(block.chrom, block.index, rows, stats16, clipped, block.skips, block.mismatched, genes=gene_rows)
     progress.update(block.records - counted)
+
+
+def _gene_rows(annotation: GeneAnnotation, genes: list, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A block's (allele, gene) rows as staged (``RunDirectory.write_chunk``): ``si`` (the allele's row in
+    the block), the gene's fields, ``tss_distance``, ``n_tss`` and each statistic clipped to float16."""
+    pairs = [(i, pair) for i, allele in enumerate(genes) for pair in allele]
+    described = [annotation.genes[pair.gene] for _, pair in pairs]
+    rows = {"si": np.array([i for i, _ in pairs], np.uint32),
+            "tss_distance": np.array([pair.tss_distance for _, pair in pairs], np.int32),
+            "n_tss": np.array([pair.n_tss for _, pair in pairs], np.uint16)}
+    for field in ("gene_id", "gene_name", "gene_type", "strand"):
+        rows[field] = byte_strings(getattr(gene, field) for gene in described)
+    for name, array in values.items():
+        rows[f"stat_{name}"], rows[f"clipped_{name}"] = to_float16(array)
+    return rows
 
 
 def _indexed_record_count(vcf: str) -> int | None:

@@ -31,6 +31,8 @@ REF_STYLE = {"color": REF_COLOR, "linestyle": "-", "linewidth": 1.3}
 ALT_STYLE = {"color": ALT_COLOR, "linestyle": (0, (4, 2)), "linewidth": 1.1}
 GAIN_COLOR, LOSS_COLOR = "#d62839", "#255c99"
 GAP_COLOR = "0.85"
+TSS_COLOR = "#2e7d32"
+GENE_PANEL_POINTS = 560  # width of the variant figure's panels in points, for placing gene names
 OFFSET_HATCH = "//"
 SIGNAL_LABEL = "predicted signal"
 _FORMATS = {".png": "png", ".pdf": "pdf"}
@@ -94,7 +96,7 @@ def plot_variant(ref: np.ndarray, alt: np.ndarray, bin_starts: np.ndarray, label
                  chrom: str, pos: int, ref_allele: str, alt_allele: str, variant_id: str | None = None,
                  bin_size: int = 128, title: str | None = None, model: str | None = None,
                  track_ids: Sequence[str] | None = None, notes: Sequence[str] | None = None,
-                 gaps: Sequence[tuple[int, int]] = ()) -> Figure:
+                 gaps: Sequence[tuple[int, int]] = (), tss: Sequence[tuple[int, str, str]] = ()) -> Figure:
     """Reference and alternative predictions of K tracks around one variant.
 
     ``ref``, ``alt``: ``float [bins, K]``, each allele's own window's bins (docs/spec.md §3.4);
@@ -105,7 +107,9 @@ def plot_variant(ref: np.ndarray, alt: np.ndarray, bin_starts: np.ndarray, label
     around a zero line, gains red and losses blue. A dotted marker at ``pos``, and the 0-based
     half-open ``gaps`` (stretches of N) shaded, on each. For an indel the alternative is drawn in
     reference coordinates (:func:`reference_coordinates`); bins that still lie off the reference's
-    are hatched in the ``alt - ref`` panels, and a caption says so. One legend for the figure, right of
+    are hatched in the ``alt - ref`` panels, and a caption says so. ``tss``: ``(0-based position, gene name,
+    strand)`` of the genes' TSSs in the window, drawn as green dash-dot lines on the ref/alt panels and
+    named, with an arrow in the direction of transcription, above the first. One legend for the figure, right of
     the panels; the title names the variant (``variant_id``, when a real ID, then ``chrom:pos
     REF>ALT``) and ``model``, under ``title`` when given.
     """
@@ -131,8 +135,14 @@ def plot_variant(ref: np.ndarray, alt: np.ndarray, bin_starts: np.ndarray, label
     first_moved = edges[int(np.searchsorted(bin_starts, pos - 1, side="right"))]  # right of the variant's bin
     visible = [(max(a + 0.5, edges[0]), min(b + 0.5, edges[-1])) for a, b in gaps
                if a + 0.5 < edges[-1] and b + 0.5 > edges[0]]
-    fig = Figure(figsize=(10, 1.6 + 2.4 * n_tracks), layout="constrained")
-    axes = fig.subplots(2 * n_tracks, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1] * n_tracks})
+    shown_tss = [(p, name, strand) for p, name, strand in tss if edges[0] <= p + 1 <= edges[-1]]
+    genes = 1 if shown_tss else 0
+    fig = Figure(figsize=(10, 1.6 + 2.4 * n_tracks + 0.9 * genes), layout="constrained")
+    axes = fig.subplots(2 * n_tracks + genes, 1, sharex=True,
+                        gridspec_kw={"height_ratios": [1.2] * genes + [2, 1] * n_tracks})
+    if genes:
+        _gene_panel(axes[0], shown_tss, edges[0], edges[-1])
+        axes = axes[1:]
     for k, label in enumerate(labels):
         top, bottom = axes[2 * k], axes[2 * k + 1]
         for ax in (top, bottom):
@@ -165,12 +175,14 @@ def plot_variant(ref: np.ndarray, alt: np.ndarray, bin_starts: np.ndarray, label
             bottom.set_ylim(-1.15 * extent, 1.15 * extent)
         for ax in (top, bottom):
             ax.axvline(pos, color="0.3", linestyle=":", linewidth=1.0, label="variant")
+        for position, _, _ in shown_tss:
+            top.axvline(position + 1, color=TSS_COLOR, linestyle="-.", linewidth=0.8, label="TSS")
 
     _genome_axis(axes[-1], chrom, edges[0], edges[-1])
-    for ax in axes:
+    for ax in fig.axes:
         ax.tick_params(labelsize=8)
     # One legend for the figure, outside the data; its entries are the first panels' own artists.
-    wanted = ["ref", "alt", "variant", "alt > ref", "alt < ref", "N (no sequence)"]
+    wanted = ["ref", "alt", "variant", "TSS", "alt > ref", "alt < ref", "N (no sequence)"]
     handles = {}
     for ax in axes[:2]:
         for artist in [*ax.get_lines(), *ax.collections, *ax.patches]:
@@ -193,6 +205,30 @@ def plot_variant(ref: np.ndarray, alt: np.ndarray, bin_starts: np.ndarray, label
     if caption:
         fig.supxlabel("\n".join(textwrap.fill(line, 150) for line in caption), fontsize=8)
     return fig
+
+
+def _gene_panel(ax, tss: Sequence[tuple[int, str, str]], lo: float, hi: float) -> None:
+    """A thin panel above the tracks: each TSS (1-based x) a tick, each gene named once at its first TSS with
+    an arrow in its direction of transcription, in the lowest of four rows where the name does not run into
+    the previous one (names that fit in no row are left out; their ticks stay)."""
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.set_ylabel("genes (TSS)", fontsize=8)
+    for position, _, _ in tss:
+        ax.axvline(position + 1, ymax=0.14, color=TSS_COLOR, linewidth=0.8, label="TSS")
+    per_character = 0.6 * 6 / GENE_PANEL_POINTS * (hi - lo)  # 6-pt text on an axis ~8 inches wide
+    ends = [-np.inf] * 4
+    named = set()
+    for position, name, strand in sorted(tss):
+        x, label = position + 1, f"{name} {'→' if strand == '+' else '←'}"
+        row = next((r for r in range(len(ends)) if x >= ends[r]), None)
+        if name in named or row is None:
+            continue
+        named.add(name)
+        ends[row] = x + (len(label) + 1) * per_character
+        ax.text(x, 0.18 + 0.2 * row, label, fontsize=6, color=TSS_COLOR, ha="left", va="bottom", clip_on=True)
 
 
 def _indel_caption(d: int, shift: int, offset: int) -> list[str]:

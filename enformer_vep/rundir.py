@@ -27,7 +27,15 @@ import numpy as np
 
 from .atomic import atomic_write, sha256_file
 from .errors import InputError
-from .output import ROW_FIELDS, byte_strings, write_scores, write_skipped
+from .output import (
+    GENE_FIELDS,
+    GENE_NUMBERS,
+    ROW_FIELDS,
+    byte_strings,
+    write_gene_scores,
+    write_scores,
+    write_skipped,
+)
 from .targets import Targets
 from .text import from_bytes
 from .variants import Allele, Skip
@@ -183,6 +191,9 @@ class RunDirectory:
     def final_path(self, chrom: str) -> Path:
         return self.out / f"{self.prefix}.{_safe(chrom)}.h5"
 
+    def genes_path(self, chrom: str) -> Path:
+        return self.out / f"{self.prefix}.{_safe(chrom)}.genes.h5"
+
     def _chunk_path(self, chrom: str, block: int) -> Path:
         return self.work / _safe(chrom) / f"{block:07d}.npz"
 
@@ -190,9 +201,12 @@ class RunDirectory:
         return self._chunk_path(chrom, block).is_file()
 
     def write_chunk(self, chrom: str, block: int, rows: Sequence[Allele], stats: Mapping[str, np.ndarray],
-                    clipped: Mapping[str, int], skips: Sequence[Skip] = (), mismatched: int = 0) -> None:
+                    clipped: Mapping[str, int], skips: Sequence[Skip] = (), mismatched: int = 0,
+                    genes: Mapping[str, np.ndarray] | None = None) -> None:
         """Stage one block: scored rows ``[n]`` with their statistics ``{name: [n, T] float16}``, and
-        its skipped rows (``record`` = their 0-based ordinal in the VCF stream)."""
+        its skipped rows (``record`` = their 0-based ordinal in the VCF stream). ``genes``: the block's
+        (allele, gene) rows, ``si`` counted from the block's first row, fields and ``{gene statistic:
+        [P, T] float16}`` with ``clipped_<name>`` counts (``pipeline.gene_rows``)."""
         arrays = {
             "snp": byte_strings(r.id for r in rows), "chr": byte_strings(r.chrom for r in rows),
             "pos": np.array([r.pos for r in rows], dtype=np.uint32),
@@ -204,6 +218,7 @@ class RunDirectory:
         }
         arrays.update({f"stat_{k}": v for k, v in stats.items()})
         arrays.update({f"clipped_{k}": np.int64(v) for k, v in clipped.items()})
+        arrays.update({f"gene_{k}": v for k, v in (genes or {}).items()})
         path = self._chunk_path(chrom, block)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -211,9 +226,11 @@ class RunDirectory:
     # --- assembly -----------------------------------------------------------------------
 
     def finish(self, blocks: Iterable[tuple[str, int]], targets: Targets, stats: Sequence[str], attrs: Mapping,
-               *, percentiles: bool = False, extra: Mapping | None = None) -> dict:
+               *, percentiles: bool = False, extra: Mapping | None = None, gene_stats: Sequence[str] | None = None,
+               gene_attrs: Mapping | None = None) -> dict:
         """Build every file from the staged ``blocks`` (each must be staged), then write the completion
-        record (with ``extra`` entries) and remove the staging. Returns the completion record."""
+        record (with ``extra`` entries) and remove the staging. Returns the completion record. With
+        ``gene_stats``, also each chromosome's genes file (with ``gene_attrs``)."""
         by_chrom: dict[str, list[int]] = {}
         for chrom, block in blocks:
             by_chrom.setdefault(chrom, []).append(block)
@@ -222,16 +239,22 @@ class RunDirectory:
             raise InputError(f"{self.work} lacks staged blocks ({', '.join(missing[:5])}); rerun the same command")
         chunks = {chrom: [self._chunk_path(chrom, b) for b in sorted(bs)] for chrom, bs in by_chrom.items()}
         sources = {chrom: [ChunkSource(p, stats) for p in paths] for chrom, paths in chunks.items()}
+        genes = None if gene_stats is None else {
+            chrom: [GeneChunkSource(p, gene_stats) for p in paths] for chrom, paths in chunks.items()}
         return self.publish(sources, [ChunkSource.skipped_lines(paths) for paths in chunks.values()], targets, stats,
                             attrs, percentiles=percentiles, extra=extra or {},
-                            ref_mismatch_scored=sum(s.mismatched for group in sources.values() for s in group))
+                            ref_mismatch_scored=sum(s.mismatched for group in sources.values() for s in group),
+                            genes=genes, gene_stats=gene_stats, gene_attrs=gene_attrs)
 
     def publish(self, sources: Mapping[str, Sequence], skipped: Sequence[Iterator[tuple[int, str]]], targets: Targets,
                 stats: Sequence[str], attrs: Mapping, *, percentiles: bool, extra: Mapping,
-                ref_mismatch_scored: int) -> dict:
+                ref_mismatch_scored: int, genes: Mapping[str, Sequence] | None = None,
+                gene_stats: Sequence[str] | None = None, gene_attrs: Mapping | None = None) -> dict:
         """Write each chromosome's file from its ``sources`` (see :func:`write_scores`; none for a
-        chromosome without rows), ``skipped.tsv`` from the ``(record, line)`` streams merged in record
-        order, then ``done.json`` last (with ``extra``), and drop the staging. Returns ``done.json``."""
+        chromosome without rows), and with ``genes`` (per chromosome, one source per variant source, see
+        :func:`write_gene_scores`) its genes file; ``skipped.tsv`` from the ``(record, line)`` streams
+        merged in record order, then ``done.json`` last (with ``extra``), and drop the staging. Returns
+        ``done.json``."""
         self.work.mkdir(exist_ok=True)
         attrs = attrs | {"run_fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         summary = {"scored": 0, "ref_mismatch_scored": ref_mismatch_scored, "clipped": dict.fromkeys(stats, 0)}
@@ -245,6 +268,13 @@ class RunDirectory:
                 summary["scored"] += rows
                 for name in stats:
                     summary["clipped"][name] += sum(s.clipped[name] for s in chrom_sources if s.size)
+                if genes is not None:
+                    offsets = np.cumsum([0] + [s.size for s in chrom_sources])[:-1].tolist()
+                    pairs = list(zip(offsets, genes[chrom], strict=True))
+                    write_gene_scores(self.genes_path(chrom), pairs, targets, gene_stats,
+                                      (gene_attrs or attrs) | {"run_fingerprint": attrs["run_fingerprint"]},
+                                      tmp_dir=self.work)
+                    files[self.genes_path(chrom).name] = {"genes_of": chrom, "rows": sum(g.size for _, g in pairs)}
         lines = heapq.merge(*skipped, key=lambda x: x[0])
         summary["skipped"] = write_skipped(self.out / "skipped.tsv", (line for _, line in lines))
         for name in list(files) + ["skipped.tsv"]:
@@ -278,3 +308,18 @@ class ChunkSource:
                 yield from zip(chunk["skipped_record"].tolist(), (from_bytes(s) for s in chunk["skipped"]), strict=True)
 
 
+class GeneChunkSource:
+    """(allele, gene) rows of one staged chunk file, for :func:`write_gene_scores` (``si`` counted from
+    the chunk's first row)."""
+
+    def __init__(self, path: Path, stats: Sequence[str]):
+        self.path, self.stats = path, stats
+        with np.load(path) as chunk:
+            self.size = len(chunk["gene_si"]) if "gene_si" in chunk else 0
+            self.widths = {f: chunk[f"gene_{f}"].dtype.itemsize for f in GENE_FIELDS} if self.size else {}
+            self.clipped = {name: int(chunk[f"gene_clipped_{name}"]) for name in stats} if self.size else {}
+
+    def pieces(self) -> Iterator[dict[str, np.ndarray]]:
+        with np.load(self.path) as chunk:
+            yield {f: chunk[f"gene_{f}"] for f in (*GENE_NUMBERS, *GENE_FIELDS)} | \
+                {name: chunk[f"gene_stat_{name}"] for name in self.stats}

@@ -66,6 +66,43 @@ def statistics(ref: torch.Tensor, alt: torch.Tensor, names: Sequence[str]) -> di
     return out
 
 
+# Gene-level statistics over a gene's TSS bins (docs/spec.md §4.5); written into the genes files.
+GENE_STATISTICS = {
+    "SED": "sum_tss_bins(alt) - sum_tss_bins(ref)",
+    "logSED": "log2(sum_tss_bins(alt) + 1) - log2(sum_tss_bins(ref) + 1)",
+}
+
+
+def gene_statistics(ref: torch.Tensor, alt: torch.Tensor, genes: Sequence[Sequence[tuple]],
+                    names: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    """Per allele, gene statistics ``{name: [G_i, T]}`` float32 from predictions ``ref, alt: [B, bins, T]``.
+
+    ``genes[i]`` lists allele i's genes as ``(ref_bins, alt_bins)``: the output bins summed in the
+    reference and in the alternative prediction (``genes.allele_gene_bins``). Formulas:
+    ``GENE_STATISTICS``; the sums are 0/1 masks times the predictions (one ``bmm`` per group).
+    """
+    batch, bins, tracks = ref.shape
+    width = max([len(g) for g in genes] + [0])
+    masks = torch.zeros(2, batch, max(width, 1), bins, device=ref.device)
+    for i, allele in enumerate(genes):
+        for g, (ref_bins, alt_bins) in enumerate(allele):
+            masks[0, i, g, list(ref_bins)] = 1
+            masks[1, i, g, list(alt_bins)] = 1
+    total_ref = torch.bmm(masks[0], ref.float())  # [B, G, T]
+    total_alt = torch.bmm(masks[1], alt.float())
+    out = []
+    for i, allele in enumerate(genes):
+        r, a = total_ref[i, :len(allele)], total_alt[i, :len(allele)]
+        values = {}
+        for name in names:
+            if name == "SED":
+                values[name] = a - r
+            elif name == "logSED":  # log2(a + 1) - log2(r + 1), without cancelling two close logs
+                values[name] = torch.log1p((a - r) / (r + 1)) / math.log(2)
+        out.append(values)
+    return out
+
+
 def to_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Clip to the float16 range (basenji 2020 wrote inf) and count the clipped values."""
     clipped = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
@@ -186,6 +223,8 @@ class VariantScorer:
         model says they pay (docs/spec.md §5.4); False keeps the per-window path.
     tile_chunk : int
         Input bins per tile chunk of :meth:`score_block` (``tiling.CHUNK_BINS``).
+    gene_stats : sequence of str
+        Gene statistics (``GENE_STATISTICS``) :meth:`score_block` computes when given genes.
 
     Raises
     ------
@@ -197,7 +236,8 @@ class VariantScorer:
                  stats: Sequence[str] = ("SAD", "SAR"), rc: bool = False, shifts: Sequence[int] = (0,),
                  device: str | torch.device = "cpu", batch_size: int | None = 4, reuse: bool = True,
                  precision: str | None = None, compile: bool = False, input_length: int = SEQUENCE_LENGTH,
-                 tiles: bool = True, tile_chunk: int = tiling.CHUNK_BINS):
+                 tiles: bool = True, tile_chunk: int = tiling.CHUNK_BINS,
+                 gene_stats: Sequence[str] = tuple(GENE_STATISTICS)):
         self.model, self.head, self.stats, self.reuse = model, head, list(stats), reuse
         self.rc, self.shifts = rc, list(shifts)
         self.device = torch.device(device)
@@ -205,6 +245,7 @@ class VariantScorer:
         self.precision = precision or default_precision(self.device)
         self.conv_precision, self.transformer_precision = stage_precisions(self.precision)
         self.input_length, self.tiles, self.tile_chunk = input_length, tiles, tile_chunk
+        self.gene_stats = list(gene_stats)
         self._convolve, self._attend = (getattr(model, "convolve", None), getattr(model, "attend", None))
         self._conv_chunks = getattr(model, "_conv_stages", None)
         if compile and hasattr(model, "trunk"):
@@ -356,7 +397,8 @@ class VariantScorer:
     # --- blocks of alleles: windows and tiles built here (docs/spec.md §5.4) -------------------------------
 
     def score_block(self, genome, alleles: Sequence, *, executor: Executor | None = None,
-                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                    progress: Callable[[int], None] | None = None,
+                    genes: Sequence[Sequence] | None = None) -> dict[str, np.ndarray]:
         """Per-track statistics of a block of alleles, windows (docs/spec.md §3.2-3.4) read from ``genome``.
 
         With ``reuse`` and an :class:`~enformer_vep.model.Enformer`, the conv tower runs once per strand and
@@ -378,18 +420,35 @@ class VariantScorer:
             ahead of the device; inline when None.
         progress : callable, optional
             Called with the number of alleles scored so far, after each group.
+        genes : sequence of sequences of genes.GeneBins, optional
+            Per allele, its genes (``genes.allele_gene_bins``): their ``gene_stats`` are computed from the
+            same predictions (docs/spec.md §4.5).
 
         Returns
         -------
         dict of str to numpy.ndarray
-            ``{statistic: [n, T] float32}``, rows in the order of ``alleles``.
+            ``{statistic: [n, T] float32}``, rows in the order of ``alleles``; with ``genes``, also
+            ``{gene statistic: [P, T] float32}``, one row per (allele, gene) pair in the order of ``genes``.
         """
         if not len(alleles):
             return {}
+        results = _BlockResults(len(alleles), genes, self.gene_stats)
         plan = self._plan(alleles)
         if plan is None or not plan.tiled:
-            return self._score_windows(genome, alleles, executor, progress)
-        return self._retrying(lambda: self._score_tiled(genome, alleles, executor, progress))
+            self._score_windows(genome, alleles, executor, progress, results)
+        else:
+            self._retrying(lambda: self._score_tiled(genome, alleles, executor, progress, results))
+        return results.arrays()
+
+    def _summarise(self, pred_ref: torch.Tensor, pred_alt: torch.Tensor, rows: Sequence[int],
+                   results: _BlockResults) -> None:
+        """A group's statistics (and its alleles' gene statistics) into ``results`` at ``rows``."""
+        with stage("statistics"):
+            results.add(rows, {k: v.cpu().numpy() for k, v in statistics(pred_ref, pred_alt, self.stats).items()})
+            if results.genes is not None:
+                pairs = [[(g.ref_bins, g.alt_bins) for g in results.genes[i]] for i in rows]
+                values = gene_statistics(pred_ref, pred_alt, pairs, self.gene_stats)
+                results.add_genes(rows, [{k: v.cpu().numpy() for k, v in d.items()} for d in values])
 
     def _plan(self, alleles: Sequence) -> tiling.BlockPlan | None:
         """The block's tile plan (None where tiles cannot serve: no reuse or tiles, a model without patches,
@@ -405,20 +464,18 @@ class VariantScorer:
         return tiling.plan_block(sites, views, geometry, max(1, self.batch_size // 2))
 
     def _score_windows(self, genome, alleles: Sequence, executor: Executor | None,
-                       progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
-        """The per-window path: :meth:`score` on ``batch_size`` alleles at a time."""
+                       progress: Callable[[int], None] | None, results: _BlockResults) -> None:
+        """The per-window path: ``batch_size`` alleles at a time, as :meth:`score`."""
         size = self.batch_size
         groups = [alleles[k:k + size] for k in range(0, len(alleles), size)]
-        parts: dict[str, list[np.ndarray]] = {}
         for k, (ref, alt) in enumerate(_prefetched(executor, lambda k: _windows(genome, groups[k]), len(groups))):
-            for name, values in self.score(ref, alt).items():
-                parts.setdefault(name, []).append(values)
+            pred_ref, pred_alt = self._retrying(lambda ref=ref, alt=alt: self._predict_pairs(ref, alt))
+            self._summarise(pred_ref, pred_alt, range(k * size, k * size + len(ref)), results)
             if progress:
                 progress(min(len(alleles), (k + 1) * size))
-        return {name: np.concatenate(values) for name, values in parts.items()}
 
     def _score_tiled(self, genome, alleles: Sequence, executor: Executor | None,
-                     progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+                     progress: Callable[[int], None] | None, results: _BlockResults) -> None:
         """The tiled path, groups of ``batch_size // 2`` alleles by position (planned again: an out-of-memory
         error halves them); chunks are computed when a group first needs them, dropped after the last."""
         plan = self._plan(alleles)
@@ -431,7 +488,6 @@ class VariantScorer:
             return _windows(genome, group), keys, codes
 
         tiles: dict[tuple, torch.Tensor] = {}
-        out: dict[str, np.ndarray] = {}
         done = 0
         for g, ((ref, alt), keys, codes) in enumerate(_prefetched(executor, host, len(plan.groups))):
             rows = plan.groups[g]
@@ -443,16 +499,12 @@ class VariantScorer:
                 return self._tiled_conv(x, units, tiles, geometry)
 
             pred_ref, pred_alt = self._predict_pairs(ref, alt, conv)
-            with stage("statistics"):
-                for name, values in statistics(pred_ref, pred_alt, self.stats).items():
-                    out.setdefault(name, np.empty((len(alleles), values.shape[1]), np.float32))[rows] = \
-                        values.cpu().numpy()
+            self._summarise(pred_ref, pred_alt, rows, results)
             for key in plan.last_chunks[g]:
                 del tiles[key]
             done += len(rows)
             if progress:
                 progress(done)
-        return out
 
     @torch.inference_mode()
     def _compute_tiles(self, tiles: dict, keys: list[tuple], codes: np.ndarray, geometry: tiling.Geometry) -> None:
@@ -515,3 +567,31 @@ def _prefetched(executor: Executor | None, work: Callable[[int], object], count:
         if k + 1 < count:
             pending = executor.submit(work, k + 1)
         yield result
+
+
+class _BlockResults:
+    """A block's statistics as its groups finish, in any order: ``[n, T]`` per statistic and, with
+    ``genes`` (per allele, its genes), ``[G_i, T]`` per allele and gene statistic."""
+
+    def __init__(self, n: int, genes: Sequence[Sequence] | None, gene_stats: Sequence[str]):
+        self.n, self.genes, self.gene_stats = n, genes, list(gene_stats)
+        self.stats: dict[str, np.ndarray] = {}
+        self.gene_parts: list[dict[str, np.ndarray] | None] = [None] * n
+
+    def add(self, rows: Sequence[int], values: dict[str, np.ndarray]) -> None:
+        for name, array in values.items():
+            self.stats.setdefault(name, np.empty((self.n, array.shape[1]), np.float32))[list(rows)] = array
+
+    def add_genes(self, rows: Sequence[int], values: Sequence[dict[str, np.ndarray]]) -> None:
+        for row, value in zip(rows, values, strict=True):
+            self.gene_parts[row] = value
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The statistics, then the gene statistics with rows = (allele, gene) pairs in allele order."""
+        out = dict(self.stats)
+        if self.genes is not None:
+            tracks = next(iter(self.stats.values())).shape[1]
+            for name in self.gene_stats:
+                parts = [p[name] for p in self.gene_parts if p and len(p[name])]
+                out[name] = np.concatenate(parts) if parts else np.empty((0, tracks), np.float32)
+        return out

@@ -84,15 +84,15 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 0:
-            raise ValueError("steps must be >= 0")
+            raise InputError("steps must be >= 0")
         if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be > 0")
+            raise InputError("learning_rate must be > 0")
         if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+            raise InputError("warmup_steps must be >= 0")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError("clip_grad_norm must be > 0 (or None: no clipping)")
+            raise InputError("clip_grad_norm must be > 0 (or None: no clipping)")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
-            raise ValueError("checkpoint_every must be > 0 (or None: only at the end)")
+            raise InputError("checkpoint_every must be > 0 (or None: only at the end)")
         if self.heads is not None:
             self.heads = [str(h) for h in self.heads]
 
@@ -284,7 +284,7 @@ def train(model: Enformer, data: Mapping[str, DataSource], config: TrainConfig,
     the file exists (and ``resume``), the run continues from it exactly where it stopped.
     """
     if config.bf16 and next(model.parameters()).device.type != "cuda":
-        log.warning("bf16 autocast is only used on CUDA; training in float32")
+        raise InputError("bf16 training needs a CUDA device (--device cuda); on the CPU train without --bf16")
     heads = config.heads if config.heads is not None else [h for h in model.heads if h in data]
     if not heads:
         raise InputError(f"no data for any of the model's heads ({', '.join(model.heads)})")

@@ -3,8 +3,10 @@
 For every assay family (the part of a track description before ':', e.g. CAGE, DNASE, CHIP),
 an allele gets ``ENFORMER_<FAMILY>_SAD``, the SAD of the family's track with the largest
 |SAD|, and ``ENFORMER_<FAMILY>_TRACK``, that track's identifier (both Number=A; '.' for an
-allele that was not scored). Values come from the finished HDF5 files, matched to the VCF's
-alleles in order; the result is bgzip-compressed and tabix-indexed.
+allele that was not scored). With genes scored (``--genes``), ``ENFORMER_GENE`` and
+``ENFORMER_GENE_logSED`` name the allele's gene with the largest |logSED| over the CAGE tracks
+(all tracks when none is CAGE) and give that logSED. Values come from the finished HDF5 files,
+matched to the VCF's alleles in order; the result is bgzip-compressed and tabix-indexed.
 """
 from __future__ import annotations
 
@@ -35,9 +37,49 @@ def assay_families(labels: Sequence[str]) -> dict[str, np.ndarray]:
     return {name: np.array(columns) for name, columns in families.items()}
 
 
+def genes_file(path: Path) -> Path:
+    """The genes file beside a run's variant file ``PREFIX.CHROM.h5``."""
+    return path.with_name(path.name[:-len(".h5")] + ".genes.h5")
+
+
+def strongest_genes(path: Path, rows: int) -> tuple[list[str], np.ndarray] | None:
+    """Per row of the variant file ``path``: the name of its gene with the largest |logSED| over the CAGE
+    tracks (all tracks when none is CAGE; the first such gene on a tie) and that logSED (``'.'`` and NaN
+    for a row without genes); None when the run has no genes file with logSED. Reads blocks of rows."""
+    source = genes_file(path)
+    if not source.is_file():
+        return None
+    with h5py.File(source, "r") as f:
+        if "logSED" not in f:
+            return None
+        columns = assay_families([t.decode() for t in f["target_labels"][:]]).get("CAGE")
+        columns = np.arange(f["logSED"].shape[1]) if columns is None else columns
+        si, strength, value = [], [], []
+        for start in range(0, len(f["si"]), BLOCK_ROWS):
+            block = f["logSED"][start:start + BLOCK_ROWS][:, columns].astype(np.float32)
+            best = np.abs(block).argmax(axis=1)
+            chosen = block[np.arange(len(block)), best]
+            si.append(f["si"][start:start + BLOCK_ROWS].astype(np.int64))
+            strength.append(np.abs(chosen))
+            value.append(chosen)
+        si, strength, value = (np.concatenate(a) if a else np.empty(0) for a in (si, strength, value))
+        order = np.lexsort((np.arange(len(si)), -strength, si))  # per row: strongest first, then gene order
+        rows_with_genes, first = np.unique(si[order], return_index=True)
+        winners = order[first]
+        names = f["gene_name"][np.sort(winners)] if len(winners) else np.empty(0, "S1")
+        name_of = dict(zip(np.sort(winners).tolist(), (n.decode() for n in names), strict=True))
+    gene = ["."] * rows
+    logsed = np.full(rows, np.nan, np.float32)
+    for row, pair in zip(rows_with_genes.tolist(), winners.tolist(), strict=True):
+        gene[row], logsed[row] = name_of[pair], value[pair]
+    return gene, logsed
+
+
 def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list]]:
-    """((pos, ref, alt), INFO values per family [SAD, TRACK, SAD, TRACK...]) of a file's rows, in order."""
+    """((pos, ref, alt), INFO values per family [SAD, TRACK, SAD, TRACK...], then [GENE, logSED] with genes)
+    of a file's rows, in order."""
     with h5py.File(path, "r") as f:
+        genes = strongest_genes(path, len(f["pos"]))
         ids = [t.decode() for t in f["target_ids"][:]]
         families = assay_families([t.decode() for t in f["target_labels"][:]])
         for start in range(0, len(f["pos"]), BLOCK_ROWS):
@@ -51,10 +93,14 @@ def _strongest(path: Path) -> Iterator[tuple[tuple[int, str, str], list]]:
                 for name in families:
                     column = best[name][row]
                     values += [float(f"{sad[row, column]:.4g}"), ids[column]]
+                if genes is not None:
+                    name, logsed = genes[0][start + row], genes[1][start + row]
+                    values += [name, None if name == "." else float(f"{logsed:.4g}")]
                 yield key, values
 
 
-PROVENANCE = ("enformer_vep_version", "model_source", "model_sha256", "fasta", "fasta_index_sha256", "options")
+PROVENANCE = ("enformer_vep_version", "model_source", "model_sha256", "fasta", "fasta_index_sha256", "annotation",
+              "annotation_sha256", "options")
 
 
 def provenance_header(attrs: Mapping) -> list[str]:
@@ -68,7 +114,7 @@ def provenance_header(attrs: Mapping) -> list[str]:
     return lines
 
 
-def info_header(labels: Sequence[str]) -> list[str]:
+def info_header(labels: Sequence[str], genes: bool = False) -> list[str]:
     lines = []
     for name in assay_families(labels):
         lines.append(f'##INFO=<ID=ENFORMER_{name}_SAD,Number=A,Type=Float,Description="enformer-vep: SAD '
@@ -76,6 +122,12 @@ def info_header(labels: Sequence[str]) -> list[str]:
                      f'this ALT allele">')
         lines.append(f'##INFO=<ID=ENFORMER_{name}_TRACK,Number=A,Type=String,Description="enformer-vep: '
                      f'identifier of the {name} track in ENFORMER_{name}_SAD">')
+    if genes:
+        lines.append('##INFO=<ID=ENFORMER_GENE,Number=A,Type=String,Description="enformer-vep: the gene (TSS '
+                     'among the output bins) with the largest |logSED| over CAGE tracks for this ALT allele">')
+        lines.append('##INFO=<ID=ENFORMER_GENE_logSED,Number=A,Type=Float,Description="enformer-vep: logSED '
+                     '(log2(sum of alt over the TSS bins + 1) - log2(sum of ref + 1)) of ENFORMER_GENE, at its '
+                     'track of largest |logSED|">')
     return lines
 
 
@@ -99,18 +151,22 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
     that is not UTF-8. Raises :class:`InputError` for an unreadable VCF or rows that do not match it.
     """
     dest = check_vcf_out_path(dest)
-    labels, per_file, provenance = None, {}, []
+    labels, per_file, provenance, with_genes = None, {}, [], False
     for chrom, path in files.items():
         with h5py.File(path, "r") as f:
             if "SAD" not in f:
                 raise InputError("--vcf-out needs SAD among --stats")
             labels = labels or [t.decode() for t in f["target_labels"][:]]
             provenance = provenance or provenance_header(f.attrs)
+        if genes_file(Path(path)).is_file():
+            with h5py.File(genes_file(Path(path)), "r") as f:
+                with_genes = with_genes or "logSED" in f
         per_file[chrom] = _strongest(Path(path))
     if labels is None:
         raise InputError("--vcf-out: no variant was scored")
     names = [f"ENFORMER_{name}_{kind}" for name in assay_families(labels) for kind in ("SAD", "TRACK")]
-    missing = [None if name.endswith("_SAD") else "." for name in names]
+    names += ["ENFORMER_GENE", "ENFORMER_GENE_logSED"] if with_genes else []
+    missing = [None if name.endswith(("_SAD", "_logSED")) else "." for name in names]
     pending = {chrom: next(rows, None) for chrom, rows in per_file.items()}
     plain = dest.with_name(f"{dest.name}.{os.getpid()}.tmp.vcf")
     try:
@@ -119,7 +175,7 @@ def write_annotated_vcf(vcf: str, files: Mapping[str, Path], dest: str | Path, *
         raise InputError(f"cannot read {vcf}: {error}") from None
     try:
         header = reader.header.copy()
-        for line in provenance + info_header(labels):
+        for line in provenance + info_header(labels, with_genes):
             header.add_line(line)
         with pysam.VariantFile(str(plain), "w", header=header) as out:
             for rec in _records(reader, vcf, regions, chroms):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DATA
+from helpers import DATA, GENE_RUN_TRACKS, GENE_RUN_TYPES
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +102,28 @@ def fast_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fast_model") / "fast.safetensors"
     save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def gene_run(tmp_path_factory, fast_model) -> Path:
+    """A finished ``enformer-score`` run of the 13 GIAB variants in chr1:840,000-851,000 with the GENCODE
+    slice (``--genes``, genes of ``GENE_RUN_TYPES`` only), SAD and SAR over ``GENE_RUN_TRACKS``, and
+    ``annotated.vcf.gz`` (``--vcf-out``) beside it."""
+    from click.testing import CliRunner
+
+    from enformer_vep.cli import cli
+
+    giab = DATA / "grch38_chr1_giab_hg002"
+    root, genes = tmp_path_factory.mktemp("gene_run"), DATA / "annotation" / "gencode.chr1_1-900000.gtf.gz"
+    result = CliRunner().invoke(cli, [str(giab / "input.vcf.gz"), "--fasta", str(giab / "reference.fa"), "--model",
+                                      str(fast_model), "--genes", str(genes), "--gene-types", ",".join(GENE_RUN_TYPES),
+                                      "--tracks", ",".join(map(str, GENE_RUN_TRACKS)), "--stats", "SAD,SAR",
+                                      "--region", "chr1:840000-851000", "--device", "cpu", "--no-progress",
+                                      "-o", str(root / "run"), "--vcf-out", str(root / "annotated.vcf.gz")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "input.chr1.genes.h5" in result.output
+    return root / "run"
 
 
 @pytest.fixture(scope="session")

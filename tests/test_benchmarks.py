@@ -27,9 +27,10 @@ def test_bench_score_quick(tmp_path):
     assert re.search(rf"^ours \(reuse\)\s+bf16\s+4\s+{number}\s", out, re.M), out
     results = {(r["scorer"], r["precision"]): r for r in json.loads(report.read_text())["results"]}
     assert not [r for r in results.values() if "error" in r]
-    # the baseline holds our weights: the two implementations agree on every variant's SAD
-    # (not exactly: enformer-pytorch computes its own gamma positional features)
-    assert results["enformer-pytorch", "fp32"]["agreement"]["r_worst"] > 0.99
+    # the baseline holds our weights: the two implementations agree on every variant's SAD (not to float32
+    # rounding: enformer-pytorch computes its own gamma positional features, not the official table); measured
+    # 1 - r = 1.5e-5 (max|dSAD| 3e-3 of the SAD range)
+    assert results["enformer-pytorch", "fp32"]["agreement"]["r_worst"] > 0.9999
 
 
 def test_bench_memory_small(tmp_path):
@@ -57,8 +58,13 @@ def test_bench_score_flop_account():
 
 
 def test_bench_job_quick(tmp_path):
-    out = run("bench_job.py", "--quick", "--records", "24", "--modes", "reuse,tiles", "--keep", str(tmp_path))
+    out = run("bench_job.py", "--quick", "--records", "6", "--modes", "reuse,tiles", "--keep", str(tmp_path))
     assert re.search(r"^reuse\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+ MiB\s+[\d.]+\s+1\.00x\s+[\d.e+-]+\s+\(reference\)",
                      out, re.M), out
     assert re.search(r"^tiles\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+ MiB\s+[\d.]+\s+[\d.]+x\s+[\d.e+-]+\s+\d\.\d\de[+-]\d+",
                      out, re.M), out
+
+
+def test_bench_genes_small():
+    out = run("bench_genes.py", "--copies", "5")
+    assert re.search(r"^3,455\s+750\s+275\s+\d+ MiB\s+[\d.]+\s+[\d,]+\s+\d+ MiB\s+\d+ MiB", out, re.M), out

@@ -47,10 +47,11 @@ def test_contributions_match_the_official_input_gradient(official_genome, offici
     # official: gradient of the SUM over bins 443..452 of track 0; ours is their MEAN
     onehot = official_inputs[0]
     reference = (official_outputs["grad"] * onehot).sum(-1)
-    assert relative_error(scores * 10, reference) <= 1e-4
-    # the CPU's bound for the objective; a device sums in other orders: the gradient's bound there
-    assert math.isclose(objective * 10, float(official_outputs["grad_target"]),
-                        rel_tol=1e-5 if device.type == "cpu" else 1e-4)
+    # float32 in TensorFlow's summation orders against torch's: measured on the CPU 1.6e-6 of the largest
+    # contribution and 3e-8 (the objective); a device's kernels sum in other orders again: 1e-4 there
+    cpu = device.type == "cpu"
+    assert relative_error(scores * 10, reference) <= (1e-5 if cpu else 1e-4)
+    assert math.isclose(objective * 10, float(official_outputs["grad_target"]), rel_tol=1e-6 if cpu else 1e-4)
     assert np.all(scores[onehot.sum(-1) == 0] == 0)  # N bases contribute nothing
     assert np.count_nonzero(onehot.sum(-1) == 0) > 0
 
@@ -75,7 +76,7 @@ def test_default_objective_is_the_mean_over_the_central_three_bins(small_run):
     x = torch.from_numpy((codes[:, None] == np.frombuffer(b"ACGT", np.uint8)[None]).astype(np.float32))[None]
     predictions = model.predict(x)["human"][0][:, tracks].numpy()
     means = np.array([predictions[b:b + 3].mean() for b in range(894)])  # of every 3 consecutive bins
-    assert math.isclose(objective, means[447], rel_tol=1e-6)
+    assert math.isclose(objective, means[447], rel_tol=1e-6)  # float32 means of 6 values: ~2e-7; measured 0
     assert np.argmin(np.abs(means - objective)) == 447
     assert np.all(scores[codes[98_304:-98_304] == ord("N")] == 0)
     assert np.count_nonzero(scores) > 90_000  # of the 96,608 non-N bases

@@ -17,13 +17,14 @@ from helpers import DATA
 from enformer_vep.cli import cli
 
 FASTA = DATA / "grch38_chr1_giab_hg002" / "reference.fa"
-OUTPUTS = ("two_contigs.chr1.h5", "skipped.tsv", "run.json")
+GENES = DATA / "annotation" / "gencode.chr1_1-900000.gtf.gz"
+OUTPUTS = ("two_contigs.chr1.h5", "two_contigs.chr1.genes.h5", "skipped.tsv", "run.json")
 
 
 def command(vcf, model, out, *extra):
     return [sys.executable, "-m", "enformer_vep", str(vcf), "--fasta", str(FASTA), "--model", str(model),
             "--device", "cpu", "--no-progress", "--checkpoint-every", "4", "--percentiles", "-o", str(out),
-            "--prefix", "two_contigs", *map(str, extra)]
+            "--prefix", "two_contigs", "--genes", str(GENES), *map(str, extra)]
 
 
 def run_parallel(commands):

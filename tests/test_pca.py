@@ -85,6 +85,10 @@ def fake_run(directory, seed=0, sizes=SIZES, ids=IDS, done=True, run_json=True):
     return runs
 
 
+# Expected rounding: float64 (2^-53 = 1.1e-16 a rounding, eps below) on float16 scores; an eigendecomposition
+# of the covariance (or Gram matrix) against an SVD agree on each eigenvalue to ~eps x lambda_1 and on each
+# component to ~eps x lambda_1 / (its eigenvalue gap). On fake_run's data lambda_1 is 647 (480 x 30) or 8,090
+# (40 x 300): ~1e-12 relative for the fifth eigenvalue, 5e-11 for the first five components and 6e-10 for all.
 def reference_pca(X, k):
     """The same PCA straight from numpy's SVD of the centred full matrix, with the same sign
     convention: (mean, components [k, T], explained variance, ratio, coordinates [n, k])."""
@@ -101,7 +105,8 @@ def table(path, *region):
 
 
 def assert_rows(lines, rows, index, coords):
-    """Table lines equal the rows ``index`` of a file, values to the printed precision."""
+    """Table lines equal the rows ``index`` of a file, values to the printed precision ('%.6g': <= 5e-6 of the
+    value; measured 5e-6)."""
     assert [line[:5] for line in lines] == [[rows["chr"][i], str(rows["pos"][i]), rows["snp"][i], rows["ref"][i],
                                              rows["alt"][i]] for i in index]
     np.testing.assert_allclose(np.array([line[5:] for line in lines], dtype=float).reshape(len(index), -1),
@@ -113,12 +118,15 @@ def test_components_equal_the_svd_of_the_centred_matrix(tmp_path, blocks):
     X = np.concatenate([r["SAD"] for r in runs.values()])
     mean, components, variance, ratio, _ = reference_pca(X, 5)
     transform = fit_pca(scored_files(tmp_path), components=5)
-    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(transform.components, components, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-10)
-    np.testing.assert_allclose(transform.explained_variance_ratio, ratio, rtol=1e-10)
+    # float64 (see reference_pca): means of values < 30 to ~1e-14 (measured 4e-15); components 5e-11 (measured
+    # 2.3e-12); eigenvalues and ratios 1e-12 relative (measured 2.1e-13)
+    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(transform.components, components, rtol=0, atol=5e-10)
+    np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-11)
+    np.testing.assert_allclose(transform.explained_variance_ratio, ratio, rtol=1e-11)
     assert transform.explained_variance_ratio[:3].sum() > 0.95  # the three latent factors
     assert transform.target_ids == IDS and transform.rows == len(X) and transform.stat == "SAD"
+    # the components' error (5e-11 an entry) times centred rows of norm up to ~100: ~1e-8 (measured 4e-12)
     np.testing.assert_allclose(transform.apply(X), (X - mean) @ components.T, rtol=0, atol=1e-8)
 
 
@@ -129,9 +137,10 @@ def test_max_rows_fits_on_evenly_spaced_rows_of_all_files(tmp_path, blocks):
     mean, components, variance, _, _ = reference_pca(X[chosen], 4)
     transform = fit_pca(scored_files(tmp_path), components=4, max_rows=100)
     assert transform.rows == 100
-    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(transform.components, components, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-10)
+    # float64 as above: measured 9e-16, 3e-13 and 4e-14
+    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(transform.components, components, rtol=0, atol=5e-10)
+    np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-11)
 
 
 SHAPES = {"many variants (480 x 30)": (SIZES, IDS), "few variants (40 x 300)": (FEW, WIDE_IDS)}
@@ -151,11 +160,14 @@ def test_both_methods_equal_the_svd_of_the_centred_matrix_on_both_shapes(tmp_pat
         transform = fit_pca(scored_files(tmp_path), components=k, max_rows=max_rows, method=method)
         scale = variance[0]
         assert transform.rows == len(chosen) and transform.target_ids == ids
-        np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(transform.components, components, rtol=0, atol=1e-7)
-        np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-9, atol=1e-12 * scale)
-        np.testing.assert_allclose(transform.explained_variance_ratio, ratio, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(k), atol=1e-12)
+        # float64 (see reference_pca), every component included: components to 6e-10 (measured 8.5e-12),
+        # eigenvalues to ~eps x lambda_1 (measured 1e-15 of it), ratios likewise (measured 7e-16),
+        # orthonormality to a few eps (measured 1.8e-15)
+        np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(transform.components, components, rtol=0, atol=5e-9)
+        np.testing.assert_allclose(transform.explained_variance, variance, rtol=5e-11, atol=1e-14 * scale)
+        np.testing.assert_allclose(transform.explained_variance_ratio, ratio, rtol=5e-11, atol=1e-15)
+        np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(k), atol=2e-14)
 
 
 @pytest.mark.parametrize("shape, method", [("many variants (480 x 30)", "covariance"),
@@ -188,11 +200,14 @@ def test_fewer_distinct_variants_than_components(tmp_path, method):
     write_h5(tmp_path / "p.chr1.h5", "chr1", np.arange(1, 11), sad, ids=WIDE_IDS)
     mean, components, variance, _, _ = reference_pca(sad, 4)
     transform = fit_pca([tmp_path / "p.chr1.h5"], components=9, method=method)
-    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(transform.components[:4], components, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(transform.explained_variance[:4], variance, rtol=1e-9)
-    np.testing.assert_allclose(transform.explained_variance[4:], 0, atol=1e-9 * variance[0])
-    np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(9), atol=1e-10)
+    # float64 (see reference_pca; lambda_1 2,197, lambda_4 5.4): means measured 4e-16, components 2.7e-14,
+    # eigenvalues 5e-15 relative (~eps x lambda_1 / lambda_4 = 9e-14) and 2e-16 of lambda_1 where zero,
+    # orthonormality 9e-16
+    np.testing.assert_allclose(transform.mean, mean, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(transform.components[:4], components, rtol=0, atol=3e-13)
+    np.testing.assert_allclose(transform.explained_variance[:4], variance, rtol=1e-12)
+    np.testing.assert_allclose(transform.explained_variance[4:], 0, atol=1e-14 * variance[0])
+    np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(9), atol=2e-14)
 
 
 @pytest.mark.parametrize("method", ["covariance", "gram"])
@@ -240,7 +255,8 @@ def test_tables_return_each_variant_by_region(tmp_path, blocks):
     summary = run_pca(tmp_path / "scores", tmp_path / "pcs")
     out = tmp_path / "pcs"
     assert summary["rows"] == len(X) and summary["components"] == 20 and summary["fitted"]
-    np.testing.assert_allclose(summary["explained_variance_ratio"], ratio, rtol=1e-9)
+    # float64: ~eps x lambda_1 / lambda_20 = 2e-12 relative; measured 4.7e-13
+    np.testing.assert_allclose(summary["explained_variance_ratio"], ratio, rtol=1e-11)
     assert sorted(summary["files"]) == sorted(str(out / f"p.{c}.pc.tsv.gz") for c in SIZES)
     assert summary["transform"] == str(out / "pca.npz") and (out / "pca.npz").is_file()
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -296,6 +312,7 @@ def test_a_saved_transform_applies_to_another_run(tmp_path, blocks):
         expected = (rows["SAD"].astype(np.float64) - mean) @ components.T
         lines = table(tmp_path / "pb" / f"p.{chrom}.pc.tsv.gz")
         assert_rows(lines, rows, np.arange(len(lines)), expected)
+        # float64: the components' error times the rows' norm, ~1e-8 (measured 3e-12)
         np.testing.assert_allclose(saved.apply(rows["SAD"]), expected, rtol=0, atol=1e-8)
     # the first components only
     run_pca(tmp_path / "b", tmp_path / "pb2", transform_path=tmp_path / "pa" / "pca.npz", components=2)
@@ -331,9 +348,10 @@ def test_scores_of_a_real_run(tmp_path):
     *_, variance, _, _ = reference_pca(X, 3)
     transform = PcaTransform.load(tmp_path / "pcs" / "pca.npz")
     assert transform.target_ids == [f"count_{b}" for b in "ACGT"]
-    # eigenvalues are unique even where a toy's symmetric scores leave the eigenvectors free
-    np.testing.assert_allclose(transform.explained_variance, variance, rtol=1e-9)
-    np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(3), atol=1e-12)
+    # eigenvalues are unique even where a toy's symmetric scores leave the eigenvectors free; float64: a few
+    # eps x lambda_1 / lambda_3 = 1.6e-15 relative (measured 7e-16), orthonormality a few eps (measured 9e-16)
+    np.testing.assert_allclose(transform.explained_variance, variance, rtol=3e-14)
+    np.testing.assert_allclose(transform.components @ transform.components.T, np.eye(3), atol=2e-14)
     for c, f in files.items():
         rows = {k: [v.decode() for v in f[k][:]] for k in ("snp", "chr", "ref", "alt")} | {"pos": f["pos"][:]}
         missing = f"{c}:{250_000 + 900 * 4}"  # what the run stores for the ID '.'
@@ -567,4 +585,5 @@ def test_pca_command_on_a_real_giab_run(tmp_path, fast_model):
     # these GIAB records have no ID: the run stores chr1:POS, the table writes '.' as the VCF does
     assert ids[4:10] == [f"chr1:{p}" for p in pos[4:10]] and [r[2] for r in rows] == ["."] * 6
     got = np.array([r[5:] for r in rows], dtype=float)
+    # written with '%.6g': <= 5e-6 of the value; measured 3.6e-6
     np.testing.assert_allclose(got, want[4:10], rtol=1e-5, atol=1e-6 * np.abs(want).max())

@@ -144,13 +144,14 @@ def test_variant_panels_plot_the_predictions_and_their_difference():
         delta = _line(bottom, "alt - ref")
         assert delta.get_drawstyle() == "steps-post"
         np.testing.assert_array_equal(delta.get_xdata(), edges)
-        np.testing.assert_allclose(delta.get_ydata()[:-1], alt[:, k].astype(float) - ref[:, k], rtol=1e-6)
+        # float32 predictions drawn as float64: exact, or one float32 rounding (2^-24) of a difference; measured 0
+        np.testing.assert_allclose(delta.get_ydata()[:-1], alt[:, k].astype(float) - ref[:, k], rtol=1e-7)
         # The gain and loss fills together enclose the same difference: their y extremes match it.
         fills = [c for c in bottom.collections if isinstance(c, PolyCollection)]
         assert len(fills) == 2
         ys = np.concatenate([path.vertices[:, 1] for c in fills for path in c.get_paths()])
         np.testing.assert_allclose([ys.min(), ys.max()], [(alt[:, k] - ref[:, k]).min(), (alt[:, k] - ref[:, k]).max()],
-                                   rtol=1e-6)
+                                   rtol=1e-7)
         zero = [line for line in bottom.get_lines() if list(line.get_ydata()) == [0, 0]]
         assert len(zero) == 1
         assert bottom.get_ylim()[0] == -bottom.get_ylim()[1]
@@ -178,8 +179,9 @@ def test_an_insertion_of_whole_bins_is_drawn_in_reference_coordinates(alt_allele
     fig = plot_variant(ref, alt, BIN_STARTS, LABELS[:1], chrom="chr1", pos=POS, ref_allele="A", alt_allele=alt_allele)
     top, bottom = fig.axes
     drawn = _line(top, "alt").get_ydata()[:-1]
-    np.testing.assert_allclose(drawn[:448], ref[:448, 0] * 1.5, rtol=1e-6)
-    np.testing.assert_allclose(drawn[448:896 - shift], ref[448:896 - shift, 0], rtol=1e-6)  # back in place
+    # the alternative's float32 values drawn as float64: exact (measured 0); 1e-7 allows one float32 rounding
+    np.testing.assert_allclose(drawn[:448], ref[:448, 0] * 1.5, rtol=1e-7)
+    np.testing.assert_allclose(drawn[448:896 - shift], ref[448:896 - shift, 0], rtol=1e-7)  # back in place
     assert np.isnan(drawn[896 - shift:]).all()  # past the alternative window's end
     delta = _line(bottom, "alt - ref").get_ydata()[:-1]
     assert np.all(delta[448:896 - shift] == 0)  # no difference all along the right flank
@@ -195,7 +197,7 @@ def test_a_deletion_of_a_whole_bin_leaves_the_deleted_bin_empty():
                        alt_allele="A")
     drawn = _line(fig.axes[0], "alt").get_ydata()[:-1]
     assert np.flatnonzero(np.isnan(drawn)).tolist() == [448]
-    np.testing.assert_allclose(drawn[449:], ref[449:, 0], rtol=1e-6)
+    np.testing.assert_allclose(drawn[449:], ref[449:, 0], rtol=1e-7)  # float32 drawn as float64: measured exact
     assert "128-bp deletion" in _caption(fig) and "deleted bins are left empty" in _caption(fig)
 
 
@@ -203,7 +205,7 @@ def test_a_short_indel_marks_the_offset_right_flank():
     ref, alt = _predictions(1)
     fig = plot_variant(ref, alt, BIN_STARTS, LABELS[:1], chrom="chr1", pos=POS, ref_allele="T", alt_allele="TGCCCA")
     top, bottom = fig.axes
-    np.testing.assert_allclose(_line(top, "alt").get_ydata()[:-1], alt[:, 0], rtol=1e-6)  # not moved
+    np.testing.assert_allclose(_line(top, "alt").get_ydata()[:-1], alt[:, 0], rtol=1e-7)  # not moved; exact
     (hatched,) = [p for p in bottom.patches if p.get_hatch()]
     assert (hatched.get_x(), hatched.get_x() + hatched.get_width()) == (BIN_STARTS[448] + 0.5, BIN_STARTS[-1] + 128.5)
     assert "alt bins 5 bp off the ref bins" in _legend(fig)[1]
@@ -309,3 +311,23 @@ def test_failed_save_keeps_the_old_file_and_removes_the_temporary(tmp_path, monk
     with pytest.raises(RuntimeError, match="disk full"):
         save_figure(fig, path)
     assert os.listdir(tmp_path) == ["c.png"] and path.read_bytes() == b"old"
+
+
+def test_variant_figure_draws_the_genes_tss():
+    """A genes panel on top: a tick per TSS inside the bins and each gene named once with its direction;
+    each TSS also a dash-dot line on every ref/alt panel (1-based x); a TSS outside the window is not drawn;
+    the legend names it. Without TSSs the figure has no genes panel."""
+    inside, other, outside = POS + 1_000, POS - 20_000, POS + 90_000  # 0-based TSS positions
+    fig, _, _ = _variant_figure(tss=[(inside, "GENE1", "+"), (inside + 500, "GENE1", "+"), (other, "GENE2", "-"),
+                                     (outside, "FAR", "+")])
+    genes, tracks = fig.axes[0], fig.axes[1:]
+    assert len(tracks) == 6 and genes.get_ylabel() == "genes (TSS)"
+    want = [other + 1, inside + 1, inside + 501]
+    assert sorted(line.get_xdata()[0] for line in genes.get_lines()) == want
+    for top in tracks[::2]:
+        assert sorted(line.get_xdata()[0] for line in top.get_lines() if line.get_label() == "TSS") == want
+    assert not [line for line in tracks[1].get_lines() if line.get_label() == "TSS"]
+    assert sorted((text.get_text(), text.get_position()[0]) for text in genes.texts) == \
+        [("GENE1 →", inside + 1), ("GENE2 ←", other + 1)]
+    assert "TSS" in _legend(fig)[1]
+    assert len(_variant_figure(tss=[(outside, "FAR", "+")])[0].axes) == 6

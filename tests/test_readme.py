@@ -15,6 +15,7 @@ from enformer_vep.weights import save_native
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+NO_MODEL_COMMANDS = {"top", "merge", "index", "pca", "convert"}  # commands without --device
 
 
 def blocks(language: str) -> list[str]:
@@ -63,7 +64,8 @@ def after_commands(workdir):
         args = shlex.split(command)
         if "--rc" in args and "--region" not in args:
             args += ["--region", "chr1:602000-605000"]
-        results.append((command, run([sys.executable, "-m", "enformer_vep", *args[1:], "--device", "cpu"], workdir)))
+        device = [] if args[1] in NO_MODEL_COMMANDS else ["--device", "cpu"]
+        results.append((command, run([sys.executable, "-m", "enformer_vep", *args[1:], *device], workdir)))
     return workdir, results
 
 

@@ -73,6 +73,7 @@ def test_annotated_vcf_has_the_strongest_sad_per_family(annotated):
                     continue
                 expected, expected_track = want[(rec.POS, alt)][family]
                 assert track == expected_track
+                # written with 4 significant digits: <= 5e-4 of the value
                 assert value == pytest.approx(float(expected), rel=1e-3, abs=1e-9)
     assert records[12].CHROM == "chr2" and records[12].INFO.get("ENFORMER_CAGE_SAD") is None
     header = VCF(str(annotated / "annotated.vcf.gz")).raw_header

@@ -8,14 +8,12 @@ import shutil
 import tarfile
 import threading
 
-import enformer_pytorch
 import numpy as np
 import pytest
 import torch
 from bundle_writer import object_graph, tree_nodes, write_bundle
 from click.testing import CliRunner
-from enformer_pytorch import modeling_enformer
-from helpers import DATA, relative_error
+from helpers import DATA, from_test_extra, relative_error
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
@@ -25,6 +23,9 @@ from enformer_vep.download import UnreachableError
 from enformer_vep.errors import DownloadError
 from enformer_vep.tensor_bundle import TensorBundle
 from enformer_vep.weights import default_model_source, read_state, save_native
+
+enformer_pytorch = from_test_extra("enformer_pytorch")
+modeling_enformer = from_test_extra("enformer_pytorch.modeling_enformer")
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -56,6 +57,7 @@ def test_savedmodel_directory_matches_official_outputs(official_bundle_dir, offi
     out = model.predict(torch.from_numpy(official_inputs))
     for head in ("human", "mouse"):
         got = out[head].numpy()[:, :, official_outputs[f"{head}_tracks"]]
+        # float32 in TensorFlow's orders against torch's: measured 1.4e-6 of the largest output
         assert relative_error(got, official_outputs[head]) <= 1e-5, head
 
 
@@ -297,8 +299,8 @@ def test_enformer_pytorch_checkpoint_gives_its_outputs(tmp_path, their_model, se
     assert ours.config.channels == 384 and ours.config.num_heads == 2 and ours.config.num_transformer_layers == 2
     theirs = _their_outputs(their_model, sequence)
     got = ours.predict(sequence)
-    for head in ("human", "mouse"):
-        assert relative_error(got[head].numpy(), theirs[head].numpy()) <= 1e-5, head
+    for head in ("human", "mouse"):  # float32 in the two ports' orders: measured 7.8e-8 of the largest output
+        assert relative_error(got[head].numpy(), theirs[head].numpy()) <= 5e-7, head
 
 
 # --- bad weights -----------------------------------------------------------------------------
