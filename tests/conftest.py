@@ -92,6 +92,18 @@ def cuda_device(request):
     return torch.device(os.environ.get("ENFORMER_VEP_TEST_DEVICE", "cuda"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module of tiny models: on a busy 2-core machine two threads contend and
+    run them many times slower (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fast_model(tmp_path_factory) -> Path:
     """A very small random Enformer (12 channels, max pooling, the released 5313-track human head)

@@ -50,13 +50,7 @@ VARIANT = (604_358, "G", "C")  # chr1, GIAB's second record
 CONTRIB_REGION, CONTRIB_CENTRE, CONTRIB_BINS = "chr1:604300-604400", (604_299 + 604_400) // 2, [440, 441, 450]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many times slower with 2 threads on a busy 2-core machine (thread contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(*args):

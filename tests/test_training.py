@@ -46,13 +46,7 @@ def random_factory(n_tracks, bins=8, batch=2, per_epoch=3, seed=0):
     return factory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x slower with 2 threads on a busy 2-core machine (thread contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state_copy(module):
