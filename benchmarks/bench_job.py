@@ -103,8 +103,7 @@ def main(argv=None) -> int:
         write_vcf(folder / "dense.vcf", variants, len(codes))
         torch.manual_seed(args.seed)
         model = calibrated_random_weights(Enformer(config).eval(), args.seed, torch.device("cpu"))
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-        weights = save_native(state, folder / "model.safetensors", source=model_text)
+        weights = save_native(model.state_dict(), folder / "model.safetensors", source=model_text)
         batch = (4 if args.device == "cpu" else 32) if args.batch_size == "auto" else int(args.batch_size)
         flops = tiling.plan_flops(config, variants, batch_size=batch)
         tflop = {"reuse": flops["reuse"], "tiles": flops["executed"], "full": flops["full"]}

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 
 from .errors import InputError
-from .output import GENE_FIELDS, GENE_NUMBERS, ROW_FIELDS
+from .output import GENE_FIELDS, GENE_NUMBERS, ROW_FIELDS, genes_file
 from .rundir import RunDirectory, verify_done
 from .targets import Targets
 from .text import from_bytes
@@ -131,9 +131,9 @@ def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
     gene_stats, genes = (list(options["gene_stats"]), {}) if options.get("genes") else (None, None)
     if genes is not None:
         for chrom, paths in chroms.items():
-            genes[chrom] = [GeneH5Source(_genes_file(p), gene_stats) for p in paths]
+            genes[chrom] = [GeneH5Source(genes_file(p), gene_stats) for p in paths]
         if chroms:
-            with h5py.File(_genes_file(first), "r") as f:
+            with h5py.File(genes_file(first), "r") as f:
                 gene_attrs = {k: v for k, v in f.attrs.items() if k != "run_fingerprint"}
     return run.publish({chrom: [H5Source(p, stats) for p in paths] for chrom, paths in chroms.items()},
                        [_skipped_lines(s.dir / "skipped.tsv") for s in shards], targets, stats, attrs,
@@ -142,10 +142,6 @@ def _merge(shard_dirs: Sequence[str], out_dir: str, overwrite: bool) -> dict:
                        ref_mismatch_scored=sum(s.done["summary"]["ref_mismatch_scored"] for s in shards),
                        genes=genes, gene_stats=gene_stats, gene_attrs=gene_attrs)
 
-
-def _genes_file(variant_file: Path) -> Path:
-    """A shard's genes file beside its variant file ``PREFIX.CHROM.h5``."""
-    return variant_file.with_name(variant_file.name[:-len(".h5")] + ".genes.h5")
 
 
 def _skipped_lines(path: Path) -> Iterator[tuple[int, str]]:

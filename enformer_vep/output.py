@@ -106,6 +106,11 @@ def write_scores(path: Path, sources: Sequence, targets: Targets, stats: Sequenc
             _write_percentiles(f, stats)
 
 
+def genes_file(variant_file: Path) -> Path:
+    """The genes file ``PREFIX.CHROM.genes.h5`` beside a variant file ``PREFIX.CHROM.h5``."""
+    return variant_file.with_name(variant_file.name[:-len(".h5")] + ".genes.h5")
+
+
 def write_gene_scores(path: Path, sources: Sequence[tuple[int, object]], targets: Targets, stats: Sequence[str],
                       attrs: Mapping, *, tmp_dir: Path) -> None:
     """One chromosome's genes file (docs/spec.md §6.1.1) at ``path`` from ``(row offset, source)`` pairs:

@@ -116,12 +116,10 @@ def _read(files: list[Path], stats: list[str], tracks, region: str | None, as_an
             if allele_rows is None:
                 contigs.update(from_bytes(c) for c in np.unique(v["chr"][:]))
                 continue
-            rows = np.flatnonzero(np.isin(f["si"][:], allele_rows)) if genes else allele_rows
-            fields = {name: v[name] for name in ROW_FIELDS}
-            si = f["si"][:][rows] if genes else rows
-            index = {"chr": _strings(fields["chr"][:][si]), "pos": fields["pos"][:][si],
-                     "ref": _strings(fields["ref"][:][si]), "alt": _strings(fields["alt"][:][si]),
-                     "snp": _strings(fields["snp"][:][si])}
+            all_si = f["si"][:] if genes else None
+            rows = np.flatnonzero(np.isin(all_si, allele_rows)) if genes else allele_rows
+            si = all_si[rows] if genes else rows
+            index = {name: v[name][:][si] if name == "pos" else _strings(v[name][:][si]) for name in ROW_FIELDS}
             if genes:
                 index |= {name: _strings(f[name][:][rows]) for name in GENE_FIELDS}
                 index |= {"tss_distance": f["tss_distance"][:][rows], "n_tss": f["n_tss"][:][rows]}

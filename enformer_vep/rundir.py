@@ -32,6 +32,7 @@ from .output import (
     GENE_NUMBERS,
     ROW_FIELDS,
     byte_strings,
+    genes_file,
     write_gene_scores,
     write_scores,
     write_skipped,
@@ -192,7 +193,7 @@ class RunDirectory:
         return self.out / f"{self.prefix}.{_safe(chrom)}.h5"
 
     def genes_path(self, chrom: str) -> Path:
-        return self.out / f"{self.prefix}.{_safe(chrom)}.genes.h5"
+        return genes_file(self.final_path(chrom))
 
     def _chunk_path(self, chrom: str, block: int) -> Path:
         return self.work / _safe(chrom) / f"{block:07d}.npz"

@@ -20,6 +20,7 @@ import numpy as np
 import pysam
 
 from .errors import InputError
+from .output import genes_file
 from .tabix import bgzip_and_index
 from .variants import CONTIG_END, merge_spans, parse_region
 
@@ -35,11 +36,6 @@ def assay_families(labels: Sequence[str]) -> dict[str, np.ndarray]:
         name = re.sub(r"[^A-Za-z0-9_]", "_", head).upper() or "OTHER"
         families.setdefault(name, []).append(i)
     return {name: np.array(columns) for name, columns in families.items()}
-
-
-def genes_file(path: Path) -> Path:
-    """The genes file beside a run's variant file ``PREFIX.CHROM.h5``."""
-    return path.with_name(path.name[:-len(".h5")] + ".genes.h5")
 
 
 def strongest_genes(path: Path, rows: int) -> tuple[list[str], np.ndarray] | None:

@@ -294,8 +294,11 @@ def _extracted(archive: Path) -> Path:
 # --- native format -------------------------------------------------------------------------
 
 def save_native(state: Mapping[str, torch.Tensor], dest: str | Path, source: str = "") -> Path:
-    """Write our native ``.safetensors`` (atomically: a temporary name, then rename)."""
+    """Write our native ``.safetensors`` (atomically: a temporary name, then rename). Batch norm's
+    ``num_batches_tracked`` counters (torch bookkeeping, not weights) are left out, so a model's
+    ``state_dict()`` can be passed as it is."""
     from safetensors.torch import save_file
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     config = infer_config(state)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

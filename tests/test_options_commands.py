@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import DATA, from_test_extra, relative_error
+from helpers import DATA, from_test_extra, load_fixture_weights, relative_error
 from safetensors.numpy import load_file
 from safetensors.torch import save_model
 from test_pca import reference_pca, table, write_done
@@ -96,7 +96,7 @@ def two_heads(tmp_path_factory, tiny_enformer):
     model = tiny_enformer(seed=21, channels=12, pooling="max", conv_filters=[6, 6, 6, 6, 8, 12],
                           heads={"human": 7, "mouse": 1643})
     root = tmp_path_factory.mktemp("two_heads")
-    save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")},
+    save_native(model.state_dict(),
                 root / "two_heads.safetensors")
     (root / "human_table.tsv").write_text("index\tidentifier\tdescription\n"
                                           + "".join(f"{i}\t{t}\t{d}\n" for i, (t, d) in enumerate(HUMAN_TABLE)))
@@ -505,7 +505,7 @@ def init_model(tmp_path_factory, tiny_enformer):
     model = tiny_enformer(seed=13, channels=12, pooling="max", conv_filters=[6, 6, 6, 6, 8, 12],
                           heads={"human": 10, "mouse": 10}, doubled=False)
     path = tmp_path_factory.mktemp("init") / "init.safetensors"
-    save_native({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    save_native(model.state_dict(), path)
     return path
 
 
@@ -680,7 +680,7 @@ def test_convert_savedmodel_archives_and_sonnet_checkpoints(tmp_path, official_b
         os.symlink(variables / ("variables" + suffix), str(prefix) + suffix)
     sources = [tmp_path / "enformer_1.tar.gz", tmp_path / "enformer_1.tgz", tmp_path / "enformer_1.tar", prefix,
                str(prefix) + ".index"]
-    packed = np.load(DATA / "official_small" / "weights_bf16.npz")
+    official_weights = load_fixture_weights()
     first = None
     for i, source in enumerate(sources):
         output = convert(source, tmp_path / f"c{i}.safetensors")
@@ -688,7 +688,7 @@ def test_convert_savedmodel_archives_and_sonnet_checkpoints(tmp_path, official_b
                 "tracks: human 5313, mouse 1643") in output
         tensors = load_file(str(tmp_path / f"c{i}.safetensors"))
         for key, name, transform in OFFICIAL_PICKS:
-            official = (packed[key].astype(np.uint32) << 16).view(np.float32)
+            official = official_weights[key.replace(".", "/")]
             np.testing.assert_array_equal(tensors[name], transform(official), err_msg=f"{source}: {name}")
         first = first or tensors
         assert tensors.keys() == first.keys() and all(np.array_equal(tensors[k], first[k]) for k in first), source
