@@ -499,9 +499,9 @@ def flop_account(args, config: EnformerConfig, model_text: str) -> list[list[str
 
 
 def main(argv=None) -> int:
-    from enformer_vep.allocator import keep_freed_memory
+    from enformer_vep.allocator import configure_cpu_memory
 
-    keep_freed_memory()  # as the command line does (ENFORMER_VEP_MALLOC=system keeps glibc's defaults)
+    configure_cpu_memory()  # as the command line does (ENFORMER_VEP_MALLOC=system keeps glibc's defaults)
     args = parse_args(argv)
     if args.flop_account:
         sizes = {k: v for k, v in (("channels", args.channels), ("num_transformer_layers", args.layers)) if v}

@@ -570,8 +570,8 @@ def convert(source, dest):
 
 
 def main(argv=None):
-    from .allocator import keep_freed_memory
+    from .allocator import configure_cpu_memory
 
-    keep_freed_memory()  # before the first large allocation: see allocator.py
+    configure_cpu_memory()  # before the first large allocation and convolution: see allocator.py
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     cli.main(args=argv, prog_name="enformer-score")

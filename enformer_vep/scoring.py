@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import tiling
+from .allocator import FreedMemoryGuard
 from .errors import InputError
 from .model import SEQUENCE_LENGTH
 from .tiling import MAX_REUSED_SPAN
@@ -253,6 +254,8 @@ class VariantScorer:
             self._conv_chunks = torch.compile(model._conv_stages)
         self.tracks = None if tracks is None else torch.as_tensor(tracks, dtype=torch.long, device=self.device)
         self._one_hot = torch.from_numpy(ONE_HOT_TABLE).to(self.device)  # encoded on the device
+        # CPU: glibc keeps freed activations (allocator.py); the guard stops fragmentation growing the process
+        self._host_memory = FreedMemoryGuard() if self.device.type == "cpu" else None
 
     def _views(self, codes: np.ndarray) -> list[tuple[np.ndarray, bool]]:
         """The windows as the model sees them: each shift, and its reverse complement with ``rc``,
@@ -450,6 +453,11 @@ class VariantScorer:
                 values = gene_statistics(pred_ref, pred_alt, pairs, self.gene_stats)
                 results.add_genes(rows, [{k: v.cpu().numpy() for k, v in d.items()} for d in values])
 
+    def _group_done(self) -> None:
+        """Between groups, once their tensors are freed: bound the host memory glibc keeps (CPU only)."""
+        if self._host_memory is not None:
+            self._host_memory.check()
+
     def _plan(self, alleles: Sequence) -> tiling.BlockPlan | None:
         """The block's tile plan (None where tiles cannot serve: no reuse or tiles, a model without patches,
         or a shift that brings the window's N fill into the input); groups of ``batch_size // 2``."""
@@ -471,6 +479,8 @@ class VariantScorer:
         for k, (ref, alt) in enumerate(_prefetched(executor, lambda k: _windows(genome, groups[k]), len(groups))):
             pred_ref, pred_alt = self._retrying(lambda ref=ref, alt=alt: self._predict_pairs(ref, alt))
             self._summarise(pred_ref, pred_alt, range(k * size, k * size + len(ref)), results)
+            del pred_ref, pred_alt
+            self._group_done()
             if progress:
                 progress(min(len(alleles), (k + 1) * size))
 
@@ -502,6 +512,8 @@ class VariantScorer:
             self._summarise(pred_ref, pred_alt, rows, results)
             for key in plan.last_chunks[g]:
                 del tiles[key]
+            del pred_ref, pred_alt
+            self._group_done()
             done += len(rows)
             if progress:
                 progress(done)

@@ -1,4 +1,5 @@
 """Freed activations stay in the process: conv-tower passes on CPU stop faulting their memory in."""
+import functools
 import os
 import subprocess
 import sys
@@ -37,3 +38,52 @@ def test_freed_activations_are_reused_without_page_faults():
     assert applied and not not_applied
     # measured here: ~2.3 million faults with glibc's defaults, ~25,000 with the setting
     assert kept * 10 < system, (kept, system)
+
+
+
+# Convolutions of varying widths beside large activations and long-lived tensors of varying sizes, as
+# the scorer's patches, windows and tiles are: kept freed memory fragments and the process grows.
+FRAGMENTING_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from enformer_vep.allocator import FreedMemoryGuard, configure_cpu_memory, resident_mib
+configure_cpu_memory()
+guard, guarded = FreedMemoryGuard(), sys.argv[1] == "guard"
+rng = np.random.default_rng(0)
+weight = torch.randn(384, 384, 5)
+kept, sizes = [], []
+with torch.inference_mode():
+    for i in range(250):
+        conv = torch.nn.functional.conv1d(torch.randn(4, 384, int(rng.integers(200, 4000))), weight, padding=2)
+        activation = torch.randn(4, 192, 20_000)
+        if i % 7 == 0:
+            kept = kept[-20:] + [torch.randn(int(rng.integers(1_000, 100_000)))]
+        del conv, activation
+        if guarded:
+            guard.check()
+        sizes.append(resident_mib())
+print(sizes[0], max(sizes), sizes[-1], guard.trims)
+"""
+
+
+def resident_sizes(mode: str) -> tuple[float, float, float, int]:
+    out = subprocess.run([sys.executable, "-c", FRAGMENTING_SCRIPT, mode], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    return float(out[0]), float(out[1]), float(out[2]), int(out[3])
+
+
+def test_guard_keeps_fragmented_memory_within_twice_the_working_set():
+    first, _, last, _ = resident_sizes("none")
+    assert last > 2 * first, "the script no longer fragments: the test would prove nothing"
+    first, peak, _, trims = resident_sizes("guard")
+    # one group's growth may overshoot the limit before the check that trims it
+    assert trims >= 1 and peak < 2 * first + 100, (first, peak, trims)
+
+
+def test_primitive_cache_is_capped_unless_the_user_set_it():
+    script = "from enformer_vep.allocator import bound_primitive_cache; print(bound_primitive_cache())"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = functools.partial(subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run(env=env).stdout.split() == ["64"]
+    assert run(env=dict(env, ONEDNN_PRIMITIVE_CACHE_CAPACITY="7")).stdout.split() == ["7"]
