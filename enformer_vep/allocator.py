@@ -15,8 +15,9 @@ model). A small cache keeps memory bounded; a full pass reuses its few shapes, s
 Kept memory can still fragment: long-lived tensors (tiles, cached primitives) split freed regions, so
 a later large activation takes fresh memory while the split pieces stay resident. ``FreedMemoryGuard``
 watches the resident size between groups and hands freed pages back (``malloc_trim``) once it has
-doubled since the first group, so memory stays within twice the working set and the page faults of
-one refill are paid only per working set of growth.
+doubled since the first group (a limit that rises when trims come too often, i.e. when the working
+set itself is larger), so memory stays within a small multiple of the working set and the page
+faults of one refill are paid only per working set of growth.
 """
 from __future__ import annotations
 
@@ -71,10 +72,14 @@ class FreedMemoryGuard:
     """Bounds the resident memory kept by :func:`keep_freed_memory` (see the module docstring).
 
     Call :meth:`check` between groups of work (after the tensors of a group are freed). The first call
-    records the resident size as the working set ``W``; a later call that finds more than twice the
-    limit's base returns glibc's free pages to the system with ``malloc_trim(0)`` and raises the base to
-    the resident size left, if larger (memory in use that is not fragmentation). No-op without glibc.
+    sets the limit to twice the resident size then; a later call above the limit returns glibc's free
+    pages to the system with ``malloc_trim(0)``. The first group can be lighter than later ones (a
+    tiled block's first group, a block whose first indel comes later), so when two trims come within
+    ``RETRIM_GROUPS`` checks the limit was below the working set itself and rises by half; it also
+    stays at least twice what is left after a trim. No-op without glibc.
     """
+
+    RETRIM_GROUPS = 16
 
     def __init__(self):
         try:
@@ -82,22 +87,31 @@ class FreedMemoryGuard:
             self._trim.argtypes, self._trim.restype = (ctypes.c_size_t,), ctypes.c_int
         except (OSError, AttributeError, TypeError):
             self._trim = None
-        self.base_mib: float | None = None
+        self.limit_mib: float | None = None
         self.trims = 0
+        self._checks_since_trim: int | None = None  # None before the first trim
 
     def check(self) -> None:
-        """Trim if the resident size exceeds twice the base; the first call sets the base (MiB)."""
+        """Trim if the resident size exceeds the limit (MiB); the first call sets the limit."""
         if self._trim is None:
             return
         rss = resident_mib()
-        if self.base_mib is None:
-            self.base_mib = rss
-        elif rss > 2 * self.base_mib:
-            self._trim(0)
-            self.trims += 1
-            left = resident_mib()
-            log.debug("returned %.0f MiB of freed memory to the system (%.0f MiB resident)", rss - left, left)
-            self.base_mib = max(self.base_mib, left)
+        if self.limit_mib is None:
+            self.limit_mib = 2 * rss
+            return
+        if self._checks_since_trim is not None:
+            self._checks_since_trim += 1
+        if rss <= self.limit_mib:
+            return
+        self._trim(0)
+        self.trims += 1
+        left = resident_mib()
+        if self._checks_since_trim is not None and self._checks_since_trim < self.RETRIM_GROUPS:
+            self.limit_mib *= 1.5
+        self.limit_mib = max(self.limit_mib, 2 * left)
+        self._checks_since_trim = 0
+        log.debug("returned %.0f MiB of freed memory to the system (%.0f MiB resident, limit now %.0f MiB)",
+                  rss - left, left, self.limit_mib)
 
 
 def resident_mib() -> float:
