@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             rows.append([_common.today(), f"{args.device}, {machine}", _common.git_revision(), model_text,
                          str(len(variants)), mode, f"{run['wall']:.1f}", f"{run['user']:.1f}", f"{run['system']:.1f}",
                          f"{run['peak_mib']:.0f} MiB", f"{len(variants) / run['wall']:.3f}",
-                         f"{base / run['wall']:.2f}x", f"{tflop[mode]:.3g}", difference])
+                         f"{base / run['wall']:.2f}x", f"{tflop[mode] / 1e12:.3g}", difference])
     print()
     _common.print_table(HEADER[5:], [row[5:] for row in rows])
     if args.append_results:
