@@ -3,7 +3,8 @@
 # the CUDA tests, bench_score's baseline-vs-ours table at every precision, a profile of scoring
 # batches, the README's main job end to end with --devices D,D against one device, and a
 # torch.compile row; each step has a time limit and the whole script ends within
-# $GPU_CHECK_SECONDS (480); $GPU_CHECK_STEPS (names, space-separated) runs only those steps.
+# $GPU_CHECK_SECONDS (480; the dry run doubles both, as 2 CPU cores are slower than one GPU);
+# $GPU_CHECK_STEPS (names, space-separated) runs only those steps.
 # Everything lands under $OUT (default: a new temporary directory):
 #   gpu_check.log        every step's output, then a summary of the steps (status, seconds)
 #   bench.json           bench_score's numbers (bench_compile.json: the compile rows)
@@ -17,6 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
+SCALE=$(( DRY + 1 ))  # the dry run's time limits: every step must finish, or it proved nothing
+BUDGET=${GPU_CHECK_SECONDS:-$(( 480 * SCALE ))}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT/profile"
 LOG="$OUT/gpu_check.log"
@@ -26,7 +29,7 @@ PY=${PYTHON:-python3}
 SUMMARY=()
 FAILED=0
 
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))  # the whole script ends by then
+DEADLINE=$(( $(date +%s) + BUDGET ))  # the whole script ends by then
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the script
     local name=$1 limit=$2 start rc left
@@ -34,10 +37,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything,
     if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
         return 0
     fi
+    limit=$(( limit * SCALE ))
     start=$(date +%s)
     left=$(( DEADLINE - start ))
     if (( left < 20 )); then
-        SUMMARY+=("$(printf '%-22s skipped: the %s-s budget was spent' "$name" "${GPU_CHECK_SECONDS:-480}")")
+        SUMMARY+=("$(printf '%-22s skipped: the %s-s budget was spent' "$name" "$BUDGET")")
         FAILED=$((FAILED + 1))
         return 0
     fi
@@ -93,6 +97,16 @@ torch.backends.cudnn.version(), \"numpy\", numpy.__version__); \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")'; \
 $PY -c 'import cyvcf2, pysam, h5py, enformer_pytorch; print(\"cyvcf2\", cyvcf2.__version__, \"pysam\", \
 pysam.__version__, \"h5py\", h5py.__version__, \"enformer-pytorch imported\")'"
+
+if [[ $DRY == 1 ]]; then
+    # a device call carries the tree that git does not ignore plus .whl/, at most 64 MiB in all
+    step carry_size 30 bash -c 'tree=$(git ls-files -z --cached --others --exclude-standard \
+| xargs -0 stat -c %s 2>/dev/null | awk "{s += \$1} END {print s + 0}"); \
+wheels=$(find .whl -name "*.whl" -type f -printf "%s\n" 2>/dev/null | awk "{s += \$1} END {print s + 0}"); \
+(( wheels > 0 )) || { echo "no wheels in .whl/: the device needs them (benchmarks/README.md)"; exit 1; }; \
+echo "carried to the device: $(( (tree + wheels) / 1024 )) KiB (tree $(( tree / 1024 )), wheels \
+$(( wheels / 1024 ))) of 65536 KiB"; (( tree + wheels <= 64 * 1024 * 1024 ))'
+fi
 
 step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 
