@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA check, in one call of at most ~8 minutes on a GPU machine (benchmarks/README.md):
-# the CUDA tests, bench_score's baseline-vs-ours table at every precision, a profile of scoring
-# batches, the README's main job end to end with --devices D,D against one device, and a
-# torch.compile row; each step has a time limit and the whole script ends within
+# The CUDA check, in one call of at most ~8 minutes on a GPU machine (benchmarks/README.md).
+# The acceptance steps first: the CUDA tests, bench_score's baseline-vs-ours table at every
+# precision, the README's main job end to end with --devices D,D against one device; then the
+# tiles' whole-job bench, a profile of scoring batches and torch.compile; each step has a time limit and the whole script ends within
 # $GPU_CHECK_SECONDS (480; the dry run doubles both, as 2 CPU cores are slower than one GPU);
 # $GPU_CHECK_STEPS (names, space-separated) runs only those steps.
 # Everything lands under $OUT (default: a new temporary directory):
@@ -113,10 +113,6 @@ step cuda_tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 step bench_score 220 $PY benchmarks/bench_score.py "${BENCH[@]}" "${RUNS[@]}" --json "$OUT/bench.json" \
     --append-results --results "$OUT/RESULTS.md"
 
-step bench_tiles 150 $PY benchmarks/bench_job.py "${TILES[@]}" --append-results --results "$OUT/RESULTS.md"
-
-step profile 120 $PY benchmarks/profile_score.py "${PROFILE[@]}" --out "$OUT/profile"
-
 E2E=$(mktemp -d)
 GIAB=tests/data/grch38_chr1_giab_hg002
 step e2e_fixture_model 60 bash -c "mkdir -p $E2E/fixture/variables && \
@@ -128,8 +124,14 @@ step e2e_one_device 90 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/refe
     --model "$E2E/fixture.safetensors" -o "$E2E/one" --device $DEVICE "${E2E_REGION[@]}" --no-progress
 step e2e_two_workers 90 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/reference.fa \
     --model "$E2E/fixture.safetensors" -o "$E2E/two" --devices $TWO "${E2E_REGION[@]}" --no-progress
-step e2e_identical 30 bash -c "cd $E2E/one && for f in *.h5 skipped.tsv run.json; do cmp \$f ../two/\$f \
-&& echo \"identical: \$f\"; done"
+# every file must match (a loop's status alone is its last file's)
+step e2e_identical 30 bash -c "cd $E2E/one && differ=0 && for f in *.h5 skipped.tsv run.json; do \
+if cmp \$f ../two/\$f; then echo \"identical: \$f\"; else differ=1; fi; done; exit \$differ"
+
+step bench_tiles 150 $PY benchmarks/bench_job.py "${TILES[@]}" --append-results --results "$OUT/RESULTS.md"
+
+step profile 120 $PY benchmarks/profile_score.py "${PROFILE[@]}" --out "$OUT/profile"
+
 step e2e_compile 120 $PY -m enformer_vep $GIAB/input.vcf.gz --fasta $GIAB/reference.fa \
     --model "$E2E/fixture.safetensors" -o "$E2E/compiled" --device $DEVICE --compile "${E2E_REGION[@]}" --no-progress
 
