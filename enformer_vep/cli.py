@@ -38,6 +38,10 @@ class _Commands(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # click would print a bare "Aborted!"
+            click.echo("Interrupted: a scoring run or merge resumes where it stopped when the same command is run "
+                       "again", err=True)
+            ctx.exit(130)  # the shell's status for a program ended by SIGINT
         except EnformerVepError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # full disk, permissions...: one line, never a traceback

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -145,8 +146,9 @@ class Summary:
             out.append(f"scored despite a REF mismatch: {self.ref_mismatch_scored}")
         out += [f"{name}: {n} values clipped to the float16 range" for name, n in self.clipped.items() if n]
         out += [_length_message(d) for d in self.contig_lengths]
-        out += [f"wrote {path}" for path in self.files.values()]
-        out += [f"wrote {path} ({plural(rows, 'allele-gene pair')})" for path, rows in self.gene_files.values()]
+        verb = "kept" if self.already_done else "wrote"
+        out += [f"{verb} {path}" for path in self.files.values()]
+        out += [f"{verb} {path} ({plural(rows, 'allele-gene pair')})" for path, rows in self.gene_files.values()]
         return out
 
 
@@ -488,8 +490,7 @@ def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
     processes = [context.Process(target=_worker_main, name=f"enformer-vep {device}", daemon=True,
                                  args=(results, options, part, device, w, len(devices), run.out, run.prefix))
                  for w, device in enumerate(devices)]
-    for process in processes:
-        process.start()
+    _start_ignoring_ctrl_c(processes)
     outcomes: dict[int, tuple[str, object]] = {}
     try:
         while len(outcomes) < len(processes):
@@ -507,14 +508,37 @@ def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
         for process in processes:
             if process.is_alive():
                 process.terminate()
-            process.join()
+        for process in processes:
+            process.join(timeout=STOP_SECONDS)
+            if process.is_alive():  # stuck in a device call: its staged blocks are whole anyway
+                process.kill()
+                process.join()
     return outcomes[0][1]
+
+
+STOP_SECONDS = 30  # how long a stopped worker may take to exit before it is killed
+
+
+def _start_ignoring_ctrl_c(processes: list) -> None:
+    """Start the workers with SIGINT ignored, which they keep across exec: Ctrl-C reaches the whole process
+    group, and only the parent should answer it (it stops the workers); each would print a traceback."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python handles signals
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _worker_main(results, options: ScoreOptions, part: Part | None, device: str, worker: int, workers: int,
                  out: Path, prefix: str) -> None:
     # CPU workers keep torch's default thread count: CPU sums depend on it, and must match one process's
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{device}] %(message)s", stream=sys.stderr)
+    # stopped by the parent: exit through Python, which removes a half-written staging file and releases the
+    # semaphores this process holds (else the resource tracker warns of leaked ones)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         run = RunDirectory(out, prefix, {}, attach=True)

@@ -56,29 +56,51 @@ def write_json(path: Path, value) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"))
 
 
+class UnverifiedRun(InputError):
+    """A run directory whose completion record does not verify: ``problem`` says what is wrong, the
+    message adds what to do (which depends on who asks: a rerun of the scoring command redoes it)."""
+
+    def __init__(self, problem: str, action: str):
+        super().__init__(f"{problem}: {action}")
+        self.problem = problem
+
+
 def verify_done(directory: str | Path, what: str | None = None) -> dict:
     """The completion record of a finished run in ``directory`` (a run, shard or merge), every file it
     lists checked against its SHA-256. ``what`` names the directory in messages (default: its path).
 
-    Raises :class:`InputError` saying what is wrong: no ``done.json`` (unfinished), an unreadable one,
-    a listed file missing, or one that differs from its checksum (torn or altered)."""
+    Raises :class:`UnverifiedRun` (an :class:`InputError`) saying what is wrong: no ``done.json``
+    (unfinished), an unreadable one, a listed file missing, or one that differs from its checksum (torn
+    or altered)."""
     directory = Path(directory)
     what = what or str(directory)
     path = directory / DONE
     if not path.is_file():
-        raise InputError(f"{what} is an unfinished run (no {DONE}): rerun its command to finish it")
+        raise UnverifiedRun(f"{what} is an unfinished run (no {DONE})", "rerun its command to finish it")
     try:
         done = json.loads(path.read_text())
         listed = {name: entry["sha256"] for name, entry in done["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{what}: {path} is unreadable: rerun its command") from None
+        raise UnverifiedRun(f"{what}: {path} is unreadable", "rerun its command") from None
     for name, digest in listed.items():
         if not (directory / name).is_file():
-            raise InputError(f"{what} lacks {name}, listed in its {DONE}: rerun its command")
+            raise UnverifiedRun(f"{what} lacks {name}, listed in its {DONE}", "rerun its command")
         if sha256_file(directory / name) != digest:
-            raise InputError(f"{what}: {name} differs from its checksum in {DONE} (torn or altered): rerun its "
-                             f"command with --overwrite")
+            raise UnverifiedRun(f"{what}: {name} differs from its checksum in {DONE} (torn or altered)",
+                                "rerun its command with --overwrite")
     return done
+
+
+def read_done(out: Path) -> dict | None:
+    """:func:`verify_done`, or None (with a warning saying why and that the run is redone) for a run
+    that is not finished."""
+    if not (Path(out) / DONE).is_file():
+        return None
+    try:
+        return verify_done(out)
+    except UnverifiedRun as error:
+        log.warning("%s: the run is redone", error.problem)
+        return None
 
 
 def settings_diff(before: Mapping, now: Mapping) -> str:
@@ -97,17 +119,6 @@ def settings_diff(before: Mapping, now: Mapping) -> str:
 def _short(value, limit: int = 60) -> str:
     text = "(none)" if value is None else json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def read_done(out: Path) -> dict | None:
-    """:func:`verify_done`, or None (with a warning saying why) for a run that is not finished."""
-    if not (Path(out) / DONE).is_file():
-        return None
-    try:
-        return verify_done(out)
-    except InputError as error:
-        log.warning("%s", error)
-        return None
 
 
 class RunDirectory:
@@ -164,11 +175,11 @@ class RunDirectory:
         if previous is None and (self._outputs() or self.work.exists()):
             previous = {"unknown": "output files without run.json"}
         if previous is not None and previous != self.fingerprint:
-            what = "finished run" if (self.out / DONE).is_file() else "unfinished run"
-            action = ("add --overwrite to replace it" if what == "finished run" else
+            what = "a finished run" if (self.out / DONE).is_file() else "an unfinished run"
+            action = ("add --overwrite to replace it" if what == "a finished run" else
                       "rerun its own command to resume it, add --overwrite to start afresh")
             changed = settings_diff(previous, self.fingerprint)
-            raise InputError(f"{self.out} holds a {what} made with other settings ({changed}): {action}, or "
+            raise InputError(f"{self.out} holds {what} made with other settings ({changed}): {action}, or "
                              f"choose another output directory")
 
     def withdraw(self) -> None:

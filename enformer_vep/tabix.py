@@ -82,7 +82,10 @@ def index_input(path: str | Path) -> list[Path]:
             pysam.tabix_index(str(path), preset="vcf", force=True, index=str(tmp))
         return [path, Path(f"{path}.tbi")]
     except (OSError, ValueError, pysam.utils.SamtoolsError) as error:
-        raise InputError(f"cannot index {path}: {error}") from None
+        # htslib's failures to read reach us as an OSError without errno or message
+        why = "htslib could not read it to the end (truncated or corrupt?)" if (
+            isinstance(error, OSError) and error.strerror is None) else error
+        raise InputError(f"cannot index {path}: {why}") from None
 
 
 def _recompress(path: Path) -> None:

@@ -455,6 +455,32 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_files(tmp_path, fa
     print("staged chunks when killed:", moments)
 
 
+@pytest.mark.parametrize("devices", [["--device", "cpu"], ["--devices", "cpu,cpu"]], ids=["one", "workers"])
+def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes_the_run(tmp_path, fast_model, devices):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once a block is staged: one line saying
+    how to resume, no traceback or warning from any process, the shell's status 130; the same command then
+    gives the files of an uninterrupted run."""
+    vcf = short_vcf(tmp_path, records=36)
+    command = [sys.executable, "-m", "enformer_vep", str(vcf), "--fasta", str(GIAB / "reference.fa"),
+               "--model", str(fast_model), "--no-progress", "--checkpoint-every", "3"]
+    subprocess.run(command + ["--device", "cpu", "-o", str(tmp_path / "whole")], check=True, capture_output=True)
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(command + devices + ["-o", str(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".partial/*/*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr
+    last = stderr.splitlines()[-1]
+    assert "Traceback" not in stderr and last.startswith("Interrupted: a scoring run"), stderr
+    assert not (out / "done.json").exists()
+    subprocess.run(command + devices + ["-o", str(out)], check=True, capture_output=True)
+    for name in ("edited.chr1.h5", "skipped.tsv", "run.json", "done.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (out / name).read_bytes(), name
+
+
 def test_two_workers_on_one_device_give_the_output_of_one(tmp_path, fast_model, device):
     """--devices D,D (two worker processes sharing the device) writes the files of --device D, byte for byte."""
     one = "cuda:0" if device.type == "cuda" and device.index is None else str(device)
@@ -619,6 +645,20 @@ def test_rerunning_a_finished_run_redoes_nothing_and_says_so(tmp_path, fast_mode
     assert again.exit_code == 0, again.output
     assert "the run was already complete (done.json verified): nothing was redone; 3 variant alleles scored" \
         in again.output and "scored 3 variant alleles in" not in again.output
+    assert f"kept {tmp_path / 'out' / 'input.chr1.h5'}" in again.output and "wrote" not in again.output
+
+
+def test_a_damaged_finished_run_is_redone_and_says_so(tmp_path, fast_model, caplog):
+    first = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000")
+    assert first.exit_code == 0, first.output
+    scores = tmp_path / "out" / "input.chr1.h5"
+    whole = scores.read_bytes()
+    scores.write_bytes(whole[: len(whole) // 2])  # torn
+    again = giab_region_run(tmp_path, fast_model, tmp_path / "out", "--region", "chr1:602000-605000")
+    assert again.exit_code == 0 and "scored 3 variant alleles in" in again.output, again.output
+    assert f"{tmp_path / 'out'}: input.chr1.h5 differs from its checksum in done.json (torn or altered): the run " \
+           "is redone" in caplog.text and "--overwrite" not in caplog.text
+    assert scores.read_bytes() == whole
 
 
 def test_overwrite_removes_the_previous_annotated_vcf(tmp_path, fast_model):

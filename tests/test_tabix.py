@@ -65,3 +65,14 @@ def test_anything_else_is_a_one_line_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello\n")
     result = CliRunner().invoke(cli, ["index", str(tmp_path / "notes.txt")])
     assert result.exit_code == 1 and "is neither a VCF, a BCF nor a FASTA" in result.output
+
+
+def test_a_truncated_vcf_gz_is_a_one_line_error_and_leaves_no_index(tmp_path):
+    whole = (GIAB / "input.vcf.gz").read_bytes()
+    path = tmp_path / "cut.vcf.gz"
+    path.write_bytes(whole[: len(whole) // 2])  # inside a BGZF block
+    result = CliRunner().invoke(cli, ["index", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"Error: cannot index {path}: htslib could not read it to the end (truncated " \
+                                    "or corrupt?)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.vcf.gz"]
