@@ -180,8 +180,13 @@ def test_missing_index(tmp_path):
 
 
 def test_missing_data_file(bundle_prefix):
-    os.remove(_data_file(bundle_prefix))
-    with pytest.raises(WeightsError, match=r"missing tensor bundle data file: .*ckpt\.data-00000-of-00001"):
+    data = _data_file(bundle_prefix)
+    os.remove(data)
+    with pytest.raises(WeightsError, match=r"missing tensor bundle data file: .*ckpt\.data-00000-of-00001$"):
+        TensorBundle(bundle_prefix)
+    with open(f"{data}.xz", "wb"):  # as the test data ship it: compressed
+        pass
+    with pytest.raises(WeightsError, match=r"00001 \(.*ckpt\.data-00000-of-00001\.xz is beside it: decompress it "):
         TensorBundle(bundle_prefix)
 
 
