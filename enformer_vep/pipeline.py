@@ -482,6 +482,9 @@ def _stream(options: ScoreOptions, part: Part | None, variants, genome: Genome, 
     return blocks, records
 
 
+STOP_SECONDS = 30  # how long a stopped worker may take to exit before it is killed
+
+
 def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
                  run: RunDirectory) -> list[tuple[str, int]]:
     """One process per device, each staging its share of the blocks; the first failure stops all."""
@@ -514,9 +517,6 @@ def _run_workers(options: ScoreOptions, part: Part | None, devices: list[str],
                 process.kill()
                 process.join()
     return outcomes[0][1]
-
-
-STOP_SECONDS = 30  # how long a stopped worker may take to exit before it is killed
 
 
 def _start_ignoring_ctrl_c(processes: list) -> None:

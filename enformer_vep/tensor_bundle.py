@@ -301,8 +301,9 @@ class TensorBundle:
         self._shards = [f"{prefix}.data-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
         for path in self._shards:
             if not os.path.isfile(path):
-                packed = [f"{path}{suffix}" for suffix in (".xz", ".gz", ".bz2") if os.path.isfile(f"{path}{suffix}")]
-                hint = f" ({packed[0]} is beside it: decompress it first)" if packed else ""
+                packed = next((f"{path}{suffix}" for suffix in (".xz", ".gz", ".bz2")
+                               if os.path.isfile(f"{path}{suffix}")), None)
+                hint = f" ({packed} is beside it: decompress it first)" if packed else ""
                 raise WeightsError(f"missing tensor bundle data file: {path}{hint}")
 
     def keys(self) -> list[str]:
